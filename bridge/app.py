@@ -1,0 +1,104 @@
+"""create_app(config): routes and the lifespan that owns every resource, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bridge.config import Config
+from bridge.convert import Policy
+from bridge.errors import QueueError
+from bridge.forward import Forwarder
+from bridge.intake import Intake, JSONResponse
+from bridge.queue import Queue, open_queue
+from bridge.vela import VelaClient
+
+log = logging.getLogger("bridge.app")
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+_PURGE_INTERVAL_SECONDS = 3600.0
+
+
+class _State:
+    """What the lifespan opens, for the handlers to use."""
+
+    queue: Queue
+    forwarder: Forwarder
+    intake: Intake
+
+
+def create_app(config: Config) -> Starlette:
+    state = _State()
+
+    async def webhook(request: Request) -> Response:
+        return await state.intake(request)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.queue = await open_queue(
+            config.queue.url,
+            lease_seconds=config.queue.lease_seconds,
+            retention_days=config.queue.retention_days,
+        )
+        vela = VelaClient(
+            config.vela.url, config.vela.token, timeout=config.vela.timeout_seconds,
+            connections=64,
+        )
+        await vela.open()
+        state.forwarder = Forwarder(state.queue, vela, config.retry, concurrency=64)
+        state.intake = Intake(
+            state.queue,
+            [s.value.encode() for s in config.github.webhook_secrets],
+            Policy(config.events.deployment, config.events.fork_pull_requests),
+            on_queued=state.forwarder.wake,
+        )
+        state.forwarder.start()
+        purger = asyncio.create_task(_purge_forever(state.queue), name="purge")
+        try:
+            yield
+        finally:
+            purger.cancel()
+            await state.forwarder.stop(SHUTDOWN_GRACE_SECONDS)
+            await vela.close()
+            await state.queue.close()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await asyncio.wait_for(state.queue.ping(), timeout=2.0)
+        except (QueueError, TimeoutError) as exc:
+            return JSONResponse({"status": "unavailable", "reason": f"queue: {exc}"}, 503)
+        paused = state.forwarder.paused_reason
+        if paused is not None:
+            return JSONResponse({"status": "paused", "reason": paused}, 503)
+        return JSONResponse({"status": "ready"})
+
+    routes = [
+        Route(
+            "/webhook", webhook, methods=["POST"], max_body_size=config.server.max_body_bytes
+        ),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _purge_forever(queue: Queue) -> None:
+    while True:
+        try:
+            removed = await queue.purge(time.time())
+            if removed:
+                log.info("retention: %d old deliveries trimmed", removed)
+        except QueueError as exc:
+            log.warning("retention pass failed: %s", exc)
+        await asyncio.sleep(_PURGE_INTERVAL_SECONDS)

@@ -1,0 +1,242 @@
+"""Workers: claim → send → settle, with retries that live in the queue.
+
+One dispatcher claims due jobs (heads of their lanes) up to the concurrency
+limit and runs each in a task; a task sends the job to Vela, turns the answer
+into a :class:`~bridge.queue.Settlement` and settles it. Retry waits follow
+interface.md "Forwarding to Vela": the n-th retry waits
+``min(max_backoff, initial × 2^(n−1))`` (tenacity's ``wait_exponential``) plus up to
+25 % jitter, or ``Retry-After`` up to max_backoff. 401/403 pause forwarding
+without consuming attempts; while paused, one job is tried every 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import orjson
+import tenacity
+
+from bridge.config import RetryConfig
+from bridge.errors import ForwardError, QueueError, Rejected, Retryable, Unauthorized
+from bridge.queue import Attempt, ClaimedJob, Queue, Settlement
+from bridge.states import JobState
+from bridge.vela import Accepted, VelaClient
+
+log = logging.getLogger("bridge.forward")
+
+PAUSE_PROBE_SECONDS = 30.0
+_IDLE_POLL_SECONDS = 1.0
+
+
+class Backoff:
+    """The wait before the n-th retry (n from 1), jittered; tenacity computes the curve."""
+
+    def __init__(self, retry: RetryConfig, rng: random.Random | None = None) -> None:
+        self._curve = tenacity.wait_exponential(
+            multiplier=retry.initial_backoff_seconds, max=retry.max_backoff_seconds
+        )
+        self._max = retry.max_backoff_seconds
+        self._rng = rng or random.Random()
+
+    def wait(self, retry_number: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self._max)
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = retry_number
+        base = float(self._curve(state))
+        return base + self._rng.uniform(0, 0.25 * base)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        queue: Queue,
+        vela: VelaClient,
+        retry: RetryConfig,
+        *,
+        concurrency: int = 64,
+        probe_seconds: float = PAUSE_PROBE_SECONDS,
+    ) -> None:
+        self._queue = queue
+        self._vela = vela
+        self._retry = retry
+        self._backoff = Backoff(retry)
+        self._concurrency = concurrency
+        self._probe_seconds = probe_seconds
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._slot_free = asyncio.Event()
+        self.paused_reason: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch(), name="forwarder")
+
+    def wake(self) -> None:
+        """New work may be due (a delivery was queued, or a lane moved on)."""
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let in-flight attempts settle for ``grace`` s; release the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=grace)
+        left = dict(self._inflight)
+        for task in left.values():
+            task.cancel()
+        if left:
+            await asyncio.gather(*left.values(), return_exceptions=True)
+            await self._queue.release(list(left), time.time())
+            log.info("released %d unfinished claims", len(left))
+
+    async def _dispatch(self) -> None:
+        while not self._stopping:
+            try:
+                await self._dispatch_once()
+            except QueueError as exc:
+                log.error("forwarding cannot read the queue: %s", exc)
+                await self._sleep(_IDLE_POLL_SECONDS)
+
+    async def _dispatch_once(self) -> None:
+        if self.paused_reason is not None:
+            # One job at a time probes the token; the rest wait.
+            if self._inflight:
+                await self._wait_slot()
+                return
+            await self._sleep(self._probe_seconds)
+            if self._stopping:
+                return
+            limit = 1
+        else:
+            limit = self._concurrency - len(self._inflight)
+            if limit <= 0:
+                await self._wait_slot()
+                return
+        self._wake.clear()
+        jobs = await self._queue.claim(limit, time.time())
+        for job in jobs:
+            self._inflight[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        if jobs or self.paused_reason is not None:
+            return
+        due = await self._queue.next_due()
+        delay = _IDLE_POLL_SECONDS if due is None else max(0.0, due - time.time())
+        await self._sleep(min(delay, _IDLE_POLL_SECONDS))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _wait_slot(self) -> None:
+        self._slot_free.clear()
+        try:
+            await asyncio.wait_for(self._slot_free.wait(), timeout=_IDLE_POLL_SECONDS)
+        except TimeoutError:
+            pass
+
+    async def _run(self, job: ClaimedJob) -> None:
+        try:
+            settlement = await self._attempt(job)
+            await self._queue.settle(job.id, settlement, time.time())
+            self._log(job, settlement)
+        except QueueError as exc:
+            log.error("cannot settle job %s: %s", job.id, exc, extra=_fields(job))
+        finally:
+            self._inflight.pop(job.id, None)
+            self._slot_free.set()
+            self._wake.set()  # the lane may have a next job now
+
+    async def _attempt(self, job: ClaimedJob) -> Settlement:
+        body: dict[str, Any] = orjson.loads(job.body)
+        started = time.time()
+        clock = time.monotonic()
+        try:
+            if job.unclear and job.endpoint == "builds":
+                found = await self._vela.find_build(job.org, job.repo, body)
+                if found is not None:
+                    return Settlement(
+                        JobState.SUCCESS, None, consumed=False,
+                        vela_number=found.number, vela_link=found.link,
+                    )
+            answer = await self._vela.send(job.path, job.body, job.guid)
+        except ForwardError as exc:
+            return self._failed(job, exc, started, time.monotonic() - clock)
+        attempt = Attempt(started, time.monotonic() - clock, answer.status, "", answer.excerpt)
+        self._resume()
+        if isinstance(answer, Accepted):
+            return Settlement(
+                JobState.SUCCESS, attempt, vela_number=answer.number, vela_link=answer.link
+            )
+        return Settlement(JobState.SKIPPED, attempt, error=answer.reason)
+
+    def _failed(self, job: ClaimedJob, exc: ForwardError, started: float, took: float) -> Settlement:
+        attempt = Attempt(started, took, exc.status_code, exc.message, exc.body)
+        now = time.time()
+        if isinstance(exc, Unauthorized):
+            self._pause(exc.message)
+            return Settlement(
+                JobState.RETRYING, attempt, consumed=False, next_attempt_at=now,
+                error=exc.message, unclear=job.unclear,
+            )
+        if isinstance(exc, Rejected):
+            self._resume()
+            return Settlement(JobState.FAILURE, attempt, error=exc.message)
+        assert isinstance(exc, Retryable)
+        attempts = job.attempts + 1
+        first = job.first_attempt_at or started
+        unclear = job.unclear or exc.sent
+        if attempts >= self._retry.max_attempts or now - first >= self._retry.max_age_seconds:
+            why = f"gave up after {attempts} attempts: {exc.message}"
+            return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
+        wait = self._backoff.wait(attempts, exc.retry_after)
+        return Settlement(
+            JobState.RETRYING, attempt, next_attempt_at=now + wait, error=exc.message,
+            unclear=unclear,
+        )
+
+    def _pause(self, reason: str) -> None:
+        if self.paused_reason is None:
+            log.warning("forwarding paused: %s; trying again every %.0f s", reason,
+                        self._probe_seconds)
+        self.paused_reason = reason
+
+    def _resume(self) -> None:
+        if self.paused_reason is not None:
+            log.warning("forwarding resumed: Vela accepts the token again")
+            self.paused_reason = None
+            self._wake.set()
+
+    def _log(self, job: ClaimedJob, s: Settlement) -> None:
+        a = s.attempt
+        log.info(
+            "forward %s",
+            s.state,
+            extra={
+                **_fields(job),
+                "status": str(s.state),
+                "attempt": job.attempts + int(s.consumed and a is not None),
+                "http_status": a.http_status if a else None,
+                "duration_ms": round(a.duration * 1000, 1) if a else 0,
+                "error": s.error,
+                "next_attempt_at": s.next_attempt_at if s.state == JobState.RETRYING else None,
+            },
+        )
+
+
+def _fields(job: ClaimedJob) -> dict[str, Any]:
+    return {
+        "delivery": job.guid,
+        "repo": f"{job.org}/{job.repo}",
+        "event": job.github_event,
+        "action": job.action,
+        "job": job.number,
+    }

@@ -1,0 +1,172 @@
+"""``POST /webhook``: limit → verify → parse → convert → enqueue → answer.
+
+The checks run in the order of interface.md "Webhook intake"; the first that
+applies answers. The size cap is starlette's route-level ``max_body_size`` (413
+before anything else is read). Nothing here may raise past the handler: every
+malformed input ends as a 4xx with a JSON ``{"error": …}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridge import signature
+from bridge.convert import Conversion, Policy, convert
+from bridge.errors import IntakeError, QueueUnavailable
+from bridge.queue import Added, NewDelivery, NewJob, Queue
+
+log = logging.getLogger("bridge.intake")
+
+# X-GitHub-Delivery is a GUID; X-GitHub-Event a snake_case name. Anything else is not GitHub.
+_GUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._:-]{0,99}")
+_EVENT = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_JSON = "application/json"
+_FORM = "application/x-www-form-urlencoded"
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class Intake:
+    """The webhook endpoint; ``on_queued`` is told when forwarding work was added."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        secrets: list[bytes],
+        policy: Policy,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._queue = queue
+        self._secrets = secrets
+        self._policy = policy
+        self._on_queued = on_queued
+
+    async def __call__(self, request: Request) -> Response:
+        received = time.time()
+        body = await request.body()  # over server.max_body_bytes: starlette answers 413
+        headers = request.headers
+        raw_signature = _raw_header(request, b"x-hub-signature-256")
+        if not signature.verify(raw_signature, body, self._secrets):
+            why = "missing" if raw_signature is None else "does not match any configured secret"
+            return _error(401, f"X-Hub-Signature-256 {why}")
+        event = headers.get("x-github-event", "")
+        guid = headers.get("x-github-delivery", "")
+        if not _EVENT.fullmatch(event):
+            return _error(400, "X-GitHub-Event header missing or malformed")
+        if not _GUID.fullmatch(guid):
+            return _error(400, "X-GitHub-Delivery header missing or malformed")
+        try:
+            payload_bytes, payload = _parse(headers.get("content-type", ""), body)
+            if event == "ping":
+                return JSONResponse({"status": "pong"})
+            conversion = convert(event, payload, self._policy)
+        except IntakeError as exc:
+            log.info("refused: %s", exc.message, extra={"delivery": guid, "event": event})
+            return _error(exc.status_code, exc.message)
+        delivery = _delivery(guid, event, conversion, payload_bytes, received)
+        try:
+            added = await self._queue.add(delivery)
+        except QueueUnavailable as exc:
+            log.error("cannot store delivery: %s", exc, extra=_fields(delivery))
+            return _error(503, "the queue cannot store the delivery right now; try again")
+        log.info("delivery %s", added, extra={**_fields(delivery), "status": str(added),
+                                             "reason": delivery.skip or ""})
+        if added is Added.QUEUED:
+            self._on_queued()
+            return JSONResponse({"status": "queued", "delivery": guid}, status_code=202)
+        if added is Added.DUPLICATE:
+            return JSONResponse({"status": "duplicate", "delivery": guid})
+        return JSONResponse({"status": "skipped", "delivery": guid, "reason": delivery.skip})
+
+
+def _raw_header(request: Request, name: bytes) -> bytes | None:
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _parse(content_type: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The payload as JSON bytes and as a dict, from either content type GitHub sends."""
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if media not in (_JSON, _FORM):
+        raise IntakeError(f"unsupported content type {media or '(none)'!r}", 415)
+    charset = _charset(params)
+    if charset not in (None, "utf-8", "utf8", "us-ascii"):
+        raise IntakeError(f"unsupported charset {charset!r}: GitHub sends UTF-8")
+    if media == _FORM:
+        try:
+            fields = parse_qs(body.decode("ascii"), errors="strict", max_num_fields=64)
+        except (UnicodeDecodeError, ValueError):
+            raise IntakeError("form body is not valid URL encoding") from None
+        values = fields.get("payload", [])
+        if len(values) != 1:
+            raise IntakeError("form body must carry exactly one payload field")
+        body = values[0].encode("utf-8", "surrogatepass")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise IntakeError("body is not valid UTF-8 JSON") from None
+    if not isinstance(payload, dict):
+        raise IntakeError("body must be a JSON object")
+    return body, payload
+
+
+def _charset(params: str) -> str | None:
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+def _delivery(
+    guid: str, event: str, conversion: Conversion, payload: bytes, received: float
+) -> NewDelivery:
+    summary = conversion.summary
+    return NewDelivery(
+        guid=guid,
+        github_event=event,
+        action=summary.action,
+        repo=summary.repo,
+        event=summary.event,
+        summary=asdict(summary),
+        payload=payload,
+        skip=conversion.skip,
+        jobs=tuple(
+            NewJob(
+                endpoint=r.endpoint,
+                org=r.org,
+                repo=r.repo,
+                path=r.path,
+                body=orjson.dumps(r.body),
+                lane=r.order_key,
+            )
+            for r in conversion.requests
+        ),
+        received_at=received,
+    )
+
+
+def _fields(d: NewDelivery) -> dict[str, str]:
+    return {"delivery": d.guid, "repo": d.repo, "event": d.github_event, "action": d.action}

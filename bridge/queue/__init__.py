@@ -1,0 +1,127 @@
+"""The durable queue: what intake stores, workers claim and settle, operators read.
+
+One protocol, :class:`Queue`; :func:`open_queue` picks the implementation from
+``queue.url``. Records crossing the boundary are frozen dataclasses; the rest
+of the bridge never sees SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from bridge.states import JobState
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    endpoint: str  # "builds" or "deployments"
+    org: str
+    repo: str
+    path: str
+    body: bytes  # the JSON request body, serialised once at intake
+    lane: str  # forwarding order: jobs of one lane go one at a time, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    guid: str
+    github_event: str
+    action: str
+    repo: str  # "owner/name", "" when the payload has no repository
+    event: str  # the Vela event, "" when skipped before conversion
+    summary: Mapping[str, Any]  # the operator API's build fields (bridge.convert.Summary)
+    payload: bytes  # the GitHub payload as JSON, for restarts
+    skip: str | None  # why nothing is forwarded; None when jobs are queued
+    jobs: tuple[NewJob, ...]
+    received_at: float
+
+
+class Added(StrEnum):
+    QUEUED = "queued"
+    SKIPPED = "skipped"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: int
+    guid: str
+    number: int
+    endpoint: str
+    org: str
+    repo: str
+    path: str
+    body: bytes
+    attempts: int  # attempts consumed so far
+    first_attempt_at: float | None
+    unclear: bool  # an earlier attempt may have reached Vela: look before re-sending
+    github_event: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One line of a job's log."""
+
+    started_at: float
+    duration: float
+    http_status: int | None
+    error: str
+    excerpt: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    state: JobState  # SUCCESS, SKIPPED, FAILURE or RETRYING
+    attempt: Attempt | None  # None when nothing was sent (the build was found in Vela)
+    consumed: bool = True  # whether this attempt counts against retry.max_attempts
+    next_attempt_at: float = 0.0
+    error: str = ""
+    unclear: bool = False
+    vela_number: int | None = None
+    vela_link: str = ""
+
+
+class Queue(Protocol):
+    """What the bridge needs of a durable queue; every method is safe to call concurrently."""
+
+    async def add(self, delivery: NewDelivery) -> Added:
+        """Store durably (committed and synced) before returning; dedupe on the GUID."""
+
+    async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
+        """Lease up to ``limit`` due jobs, each the oldest active job of its lane."""
+
+    async def settle(self, job_id: int, settlement: Settlement, now: float) -> None:
+        """Record the outcome of a claimed job's attempt and end the claim."""
+
+    async def release(self, job_ids: Sequence[int], now: float) -> None:
+        """End claims unfinished (shutdown): the jobs retry at once, looking up Vela first."""
+
+    async def next_due(self) -> float | None:
+        """When the earliest claimable job becomes due, or None when there is none."""
+
+    async def get_delivery(self, guid: str) -> dict[str, Any] | None:
+        """A delivery with its jobs and their attempts, for operators and tests."""
+
+    async def ping(self) -> None:
+        """Raise QueueUnavailable unless the queue answers."""
+
+    async def purge(self, now: float) -> int:
+        """Apply queue.retention_days; the number of deliveries touched."""
+
+    async def close(self) -> None: ...
+
+
+async def open_queue(url: str, *, lease_seconds: float, retention_days: float) -> Queue:
+    if url.startswith("sqlite:///"):
+        from bridge.queue.sqlite import SQLiteQueue
+
+        return await SQLiteQueue.open(
+            url.removeprefix("sqlite:///"),
+            lease_seconds=lease_seconds,
+            retention_days=retention_days,
+        )
+    raise NotImplementedError("the PostgreSQL queue is not available in this version")

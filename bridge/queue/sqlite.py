@@ -1,0 +1,376 @@
+"""The SQLite queue: one file in WAL mode, synchronous=FULL, owned by one process.
+
+Every statement runs on the group-commit thread (:mod:`bridge.queue._writer`).
+Lanes keep order (interface.md "Order"): among the active jobs of a lane exactly
+one, the oldest, is the *head*, and only heads are claimed. The partial index
+``jobs_ready`` holds just the claimable heads, so a claim costs O(log n) however
+long the backlog is; bodies are never scanned.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge.errors import QueueLocked, QueueUnavailable
+from bridge.queue import Added, ClaimedJob, NewDelivery, Settlement
+from bridge.queue._writer import Writer
+from bridge.states import ACTIVE, FINISHED, JobState, check, delivery_status
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS repos (
+    key TEXT PRIMARY KEY,
+    last_number INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    guid TEXT NOT NULL UNIQUE,
+    repo TEXT NOT NULL,
+    repo_key TEXT NOT NULL,
+    number INTEGER,
+    github_event TEXT NOT NULL,
+    action TEXT NOT NULL,
+    event TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT NOT NULL,
+    summary BLOB NOT NULL,
+    payload BLOB,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_repo ON deliveries (repo_key, number);
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (finished_at)
+    WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    org TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body BLOB,
+    lane TEXT NOT NULL,
+    head INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL,
+    unclear INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    vela_number INTEGER,
+    vela_link TEXT NOT NULL DEFAULT '',
+    enqueued_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_delivery ON jobs (delivery_id);
+CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, id)
+    WHERE state IN ('pending', 'running', 'retrying');
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (next_attempt_at)
+    WHERE head = 1 AND state IN ('pending', 'retrying');
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (id) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    duration REAL NOT NULL,
+    http_status INTEGER,
+    error TEXT NOT NULL,
+    excerpt TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
+"""
+
+_ACTIVE_SQL = "('pending', 'running', 'retrying')"
+_DEDUPE_SECONDS = 7 * 86_400  # interface.md: GUIDs are kept at least 7 days
+
+
+class SQLiteQueue:
+    def __init__(self, writer: Writer, lock: int, *, lease_seconds: float, retention_days: float):
+        self._writer = writer
+        self._lock = lock
+        self._lease = lease_seconds
+        self._retention = retention_days * 86_400
+
+    @classmethod
+    async def open(cls, path: str, *, lease_seconds: float, retention_days: float) -> SQLiteQueue:
+        """Open (creating) the file, take the one-process lock, release stale claims."""
+        file = Path(path)
+        lock = _lock(file)
+        writer = Writer(lambda: _connect(file))
+        try:
+            writer.start()
+        except (sqlite3.Error, OSError) as exc:
+            os.close(lock)
+            raise QueueUnavailable(f"cannot open the SQLite queue {file}: {exc}") from None
+        queue = cls(writer, lock, lease_seconds=lease_seconds, retention_days=retention_days)
+        # One process owns the file, so every claim found now belongs to a dead process.
+        now = time.time()
+        await writer.run(lambda conn: _release_all(conn, now))
+        return queue
+
+    async def add(self, delivery: NewDelivery) -> Added:
+        return await self._writer.run(lambda conn: _add(conn, delivery))
+
+    async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
+        return await self._writer.run(lambda conn: _claim(conn, limit, now, now + self._lease))
+
+    async def settle(self, job_id: int, settlement: Settlement, now: float) -> None:
+        await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
+
+    async def release(self, job_ids: Sequence[int], now: float) -> None:
+        await self._writer.run(lambda conn: _release(conn, job_ids, now))
+
+    async def next_due(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM jobs"
+                " WHERE head = 1 AND state IN ('pending', 'retrying')"
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._writer.run(op)
+
+    async def get_delivery(self, guid: str) -> dict[str, Any] | None:
+        return await self._writer.run(lambda conn: _get_delivery(conn, guid))
+
+    async def ping(self) -> None:
+        await self._writer.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def purge(self, now: float) -> int:
+        return await self._writer.run(
+            lambda conn: _purge(conn, now - self._retention, now - max(self._retention, _DEDUPE_SECONDS))
+        )
+
+    async def close(self) -> None:
+        self._writer.stop()
+        os.close(self._lock)
+
+
+def _lock(file: Path) -> int:
+    """Take an exclusive lock beside the file; the kernel drops it when the process dies."""
+    lock_path = file.with_name(file.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise QueueUnavailable(f"cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise QueueLocked(
+            f"another vela-bridge process is using {file}; one process owns a SQLite queue"
+            " (several replicas need PostgreSQL)"
+        ) from None
+    return fd
+
+
+def _connect(file: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
+    if conn.execute("SELECT 1 FROM deliveries WHERE guid = ?", (d.guid,)).fetchone():
+        return Added.DUPLICATE
+    repo_key = d.repo.lower()
+    number = None
+    if repo_key:
+        number = conn.execute(
+            "INSERT INTO repos (key, last_number) VALUES (?, 1)"
+            " ON CONFLICT (key) DO UPDATE SET last_number = last_number + 1"
+            " RETURNING last_number",
+            (repo_key,),
+        ).fetchone()[0]
+    skipped = not d.jobs
+    status = delivery_status([JobState.PENDING] * len(d.jobs))
+    delivery_id = conn.execute(
+        "INSERT INTO deliveries (guid, repo, repo_key, number, github_event, action, event,"
+        " status, error, summary, payload, created_at, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            d.guid, d.repo, repo_key, number, d.github_event, d.action, d.event, status,
+            d.skip or "", orjson.dumps(d.summary), d.payload, d.received_at,
+            d.received_at if skipped else None,
+        ),
+    ).lastrowid
+    for index, job in enumerate(d.jobs, start=1):
+        head = conn.execute(
+            f"SELECT 1 FROM jobs WHERE lane = ? AND state IN {_ACTIVE_SQL} LIMIT 1", (job.lane,)
+        ).fetchone() is None
+        conn.execute(
+            "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, body, lane,"
+            " head, next_attempt_at, enqueued_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                delivery_id, index, job.endpoint, job.org, job.repo, job.path, job.body,
+                job.lane, int(head), d.received_at, d.received_at,
+            ),
+        )
+    return Added.SKIPPED if skipped else Added.QUEUED
+
+
+def _claim(conn: sqlite3.Connection, limit: int, now: float, lease_until: float) -> list[ClaimedJob]:
+    rows = conn.execute(
+        "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, j.body, j.attempts,"
+        " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id"
+        " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id"
+        " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
+        " ORDER BY j.next_attempt_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    claimed = []
+    for row in rows:
+        conn.execute(
+            "UPDATE jobs SET state = 'running', lease_until = ?,"
+            " started_at = COALESCE(started_at, ?) WHERE id = ?",
+            (lease_until, now, row[0]),
+        )
+        _refresh_delivery(conn, row[13], now)
+        claimed.append(
+            ClaimedJob(
+                id=row[0], guid=row[1], number=row[2], endpoint=row[3], org=row[4], repo=row[5],
+                path=row[6], body=row[7], attempts=row[8], first_attempt_at=row[9],
+                unclear=bool(row[10]), github_event=row[11], action=row[12],
+            )
+        )
+    return claimed
+
+
+def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) -> None:
+    row = conn.execute(
+        "SELECT state, delivery_id, lane, head FROM jobs WHERE id = ?", (job_id,)
+    ).fetchone()
+    if row is None:
+        return
+    old, delivery_id, lane, head = JobState(row[0]), row[1], row[2], row[3]
+    check(old, s.state)
+    finished = s.state in FINISHED
+    a = s.attempt
+    conn.execute(
+        "UPDATE jobs SET state = ?, attempts = attempts + ?, lease_until = NULL,"
+        " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, unclear = ?,"
+        " exit_code = COALESCE(?, exit_code), error = ?,"
+        " vela_number = COALESCE(?, vela_number), vela_link = ?, finished_at = ? WHERE id = ?",
+        (
+            s.state, int(s.consumed), a.started_at if a else None, s.next_attempt_at or now,
+            int(s.unclear), a.http_status if a else None, s.error, s.vela_number, s.vela_link,
+            now if finished else None, job_id,
+        ),
+    )
+    if a is not None:
+        conn.execute(
+            "INSERT INTO attempts (job_id, started_at, duration, http_status, error, excerpt)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, a.started_at, a.duration, a.http_status, a.error, a.excerpt),
+        )
+    if finished and head:
+        _promote(conn, job_id, lane)
+    _refresh_delivery(conn, delivery_id, now, error=s.error)
+
+
+def _promote(conn: sqlite3.Connection, job_id: int, lane: str) -> None:
+    """The job left the active states: the next active job of its lane becomes the head."""
+    conn.execute("UPDATE jobs SET head = 0 WHERE id = ?", (job_id,))
+    conn.execute(
+        "UPDATE jobs SET head = 1 WHERE id = (SELECT id FROM jobs"
+        f" WHERE lane = ? AND state IN {_ACTIVE_SQL} ORDER BY id LIMIT 1)",
+        (lane,),
+    )
+
+
+def _refresh_delivery(
+    conn: sqlite3.Connection, delivery_id: int, now: float, error: str | None = None
+) -> None:
+    states = [JobState(r[0]) for r in conn.execute(
+        "SELECT state FROM jobs WHERE delivery_id = ?", (delivery_id,)
+    )]
+    status = delivery_status(states)
+    done = not (set(states) & ACTIVE)
+    conn.execute(
+        "UPDATE deliveries SET status = ?, error = COALESCE(?, error),"
+        " started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,"
+        " finished_at = ? WHERE id = ?",
+        (
+            status, error, int(JobState.RUNNING in states), now,
+            now if done else None, delivery_id,
+        ),
+    )
+
+
+def _release(conn: sqlite3.Connection, job_ids: Sequence[int], now: float) -> None:
+    for job_id in job_ids:
+        row = conn.execute(
+            "UPDATE jobs SET state = 'retrying', lease_until = NULL, unclear = 1,"
+            " next_attempt_at = ? WHERE id = ? AND state = 'running' RETURNING delivery_id",
+            (now, job_id),
+        ).fetchone()
+        if row is not None:
+            _refresh_delivery(conn, row[0], now)
+
+
+def _release_all(conn: sqlite3.Connection, now: float) -> None:
+    _release(conn, [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running'")], now)
+
+
+def _get_delivery(conn: sqlite3.Connection, guid: str) -> dict[str, Any] | None:
+    conn.row_factory = sqlite3.Row
+    try:
+        row = conn.execute("SELECT * FROM deliveries WHERE guid = ?", (guid,)).fetchone()
+        if row is None:
+            return None
+        delivery = dict(row)
+        delivery["summary"] = orjson.loads(delivery["summary"])
+        jobs = []
+        for job in conn.execute(
+            "SELECT * FROM jobs WHERE delivery_id = ? ORDER BY number", (row["id"],)
+        ):
+            item = dict(job)
+            item["attempts_log"] = [
+                dict(a)
+                for a in conn.execute(
+                    "SELECT * FROM attempts WHERE job_id = ? ORDER BY id", (job["id"],)
+                )
+            ]
+            jobs.append(item)
+        delivery["jobs"] = jobs
+        return delivery
+    finally:
+        conn.row_factory = None
+
+
+def _purge(conn: sqlite3.Connection, bodies_before: float, rows_before: float) -> int:
+    """Drop finished deliveries' bodies after the retention; whole rows once dedupe allows."""
+    touched = conn.execute(
+        "UPDATE deliveries SET payload = NULL WHERE finished_at < ? AND payload IS NOT NULL",
+        (bodies_before,),
+    ).rowcount
+    conn.execute(
+        "UPDATE jobs SET body = NULL WHERE body IS NOT NULL AND delivery_id IN"
+        " (SELECT id FROM deliveries WHERE finished_at < ? AND payload IS NULL)",
+        (bodies_before,),
+    )
+    old = "SELECT id FROM deliveries WHERE finished_at < ?"
+    conn.execute(
+        f"DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE delivery_id IN ({old}))",
+        (rows_before,),
+    )
+    conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({old})", (rows_before,))
+    touched += conn.execute(
+        "DELETE FROM deliveries WHERE finished_at < ?", (rows_before,)
+    ).rowcount
+    return touched

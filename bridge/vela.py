@@ -1,0 +1,187 @@
+"""The Vela API client: one pooled keep-alive session, answers turned into records.
+
+:func:`classify` is the rule of interface.md "Forwarding to Vela": which answers
+are a success, one of Vela's own skips, worth retrying, a token problem, or final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from bridge import __version__
+from bridge.config import Secret
+from bridge.errors import ForwardError, Rejected, Retryable, Unauthorized
+
+USER_AGENT = f"vela-bridge/{__version__}"
+_EXCERPT = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Vela created the build (or deployment): its number and, when it gave one, its link."""
+
+    status: int
+    excerpt: str
+    number: int | None = None
+    link: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Vela had nothing to run, or the repository does not have the event enabled."""
+
+    status: int
+    excerpt: str
+    reason: str
+
+
+Answer = Accepted | Skipped
+
+
+def classify(status: int, text: str, retry_after: str | None = None, *, now: float = 0.0) -> Answer:
+    """Turn one HTTP answer of Vela into an Answer, or raise the ForwardError it means."""
+    excerpt = _excerpt(text)
+    data: Any = None
+    try:
+        data = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        pass
+    if 200 <= status < 300:
+        if isinstance(data, str):  # Vela's "nothing to run" answer is a bare JSON string
+            return Skipped(status, excerpt, reason=data)
+        number = data.get("number") if isinstance(data, dict) else None
+        link = data.get("link") if isinstance(data, dict) else None
+        return Accepted(
+            status,
+            excerpt,
+            number=number if isinstance(number, int) and not isinstance(number, bool) else None,
+            link=link if isinstance(link, str) else "",
+        )
+    message = _error_text(data, excerpt) or f"HTTP {status}"
+    if status == 400 and "does not have" in message and "enabled" in message:
+        return Skipped(status, excerpt, reason=message)
+    if status in (401, 403):
+        raise Unauthorized(f"Vela refused the token: {message}", status_code=status, body=excerpt)
+    if status in (408, 429) or status >= 500:
+        raise Retryable(
+            f"Vela answered {status}: {message}",
+            status_code=status,
+            body=excerpt,
+            retry_after=parse_retry_after(retry_after, now or time.time()),
+        )
+    raise Rejected(f"Vela rejected it: {message}", status_code=status, body=excerpt)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _error_text(data: Any, excerpt: str) -> str:
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])
+    return excerpt
+
+
+def _excerpt(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _EXCERPT else flat[: _EXCERPT - 1] + "…"
+
+
+class VelaClient:
+    """Talks to one Vela server; ``send`` and ``find_build`` raise ForwardError subclasses."""
+
+    def __init__(self, url: str, token: Secret, *, timeout: float, connections: int) -> None:
+        self._url = url.rstrip("/")
+        self._headers = {
+            "Authorization": f"Bearer {token.value}",
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, headers=self._headers
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    async def send(self, path: str, body: bytes, guid: str) -> Answer:
+        status, text, retry_after = await self._request(
+            "POST", path, data=body, headers={"X-GitHub-Delivery": guid}
+        )
+        return classify(status, text, retry_after)
+
+    async def find_build(self, org: str, repo: str, body: Mapping[str, Any]) -> Accepted | None:
+        """Vela's build for this request, if an earlier unclear attempt created one.
+
+        interface.md: ``GET …/builds?commit=<sha>&event=<event>``, matching on
+        ``source`` and ``ref`` too.
+        """
+        params = {"commit": str(body.get("commit", "")), "event": str(body.get("event", ""))}
+        path = f"/api/v1/repos/{quote(org, safe='')}/{quote(repo, safe='')}/builds"
+        status, text, retry_after = await self._request("GET", path, params=params)
+        if status == 404:
+            return None
+        if not 200 <= status < 300:
+            classify(status, text, retry_after)  # raises for every non-2xx
+        try:
+            builds = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise Retryable("Vela's build list is not JSON", status_code=status) from None
+        for build in builds if isinstance(builds, list) else []:
+            if not isinstance(build, dict):
+                continue
+            if all(build.get(k) == body.get(k) for k in ("source", "ref") if k in body):
+                answer = classify(status, orjson.dumps(build).decode())
+                if isinstance(answer, Accepted):
+                    return answer
+        return None
+
+    async def _request(
+        self, method: str, path: str, **kwargs: Any
+    ) -> tuple[int, str, str | None]:
+        assert self._session is not None, "VelaClient.open() was not awaited"
+        try:
+            async with self._session.request(method, self._url + path, **kwargs) as response:
+                text = await response.text(errors="replace")
+                return response.status, text, response.headers.get("Retry-After")
+        except aiohttp.ClientConnectorError as exc:
+            raise Retryable(f"cannot connect to Vela: {exc.os_error}", sent=False) from None
+        except TimeoutError:
+            raise Retryable("Vela did not answer in time") from None
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            raise Retryable(f"connection to Vela failed: {type(exc).__name__}") from None
+
+
+__all__ = ["Accepted", "Answer", "ForwardError", "Skipped", "VelaClient", "classify"]

@@ -1,0 +1,47 @@
+"""Shared fixtures: the one fake Vela, and bridges started as real processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.vela import FakeVela
+from tests.support import VELA_TOKEN, Bridge
+
+
+@pytest.fixture(scope="session")
+def fake_vela() -> Iterator[FakeVela]:
+    server = FakeVela(token=VELA_TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vela(fake_vela: FakeVela) -> FakeVela:
+    """The shared fake Vela, behaving normally and with no history, for one test."""
+    fake_vela.reset()
+    return fake_vela
+
+
+@pytest.fixture
+def make_bridge(tmp_path: Path, vela: FakeVela) -> Iterator[Callable[..., Bridge]]:
+    """Start bridges in this test's folder; every one is stopped afterwards."""
+    started: list[Bridge] = []
+
+    def make(start: bool = True, **overrides: Any) -> Bridge:
+        bridge = Bridge(tmp_path, vela.url, **overrides)
+        started.append(bridge)
+        return bridge.start() if start else bridge
+
+    yield make
+    for bridge in started:
+        bridge.kill() if bridge.process and bridge.process.poll() is None else None
+        bridge.client.close()
+
+
+@pytest.fixture
+def bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
+    return make_bridge()

@@ -1,0 +1,220 @@
+"""The one fake Vela server of the test suite (and the benchmark).
+
+A real HTTP server (aiohttp.web) on loopback, in a thread of its own, that
+speaks the parts of Vela's API the bridge uses, records every request, and can
+be told to misbehave: refuse connections, answer a given status, or hang.
+
+    POST /api/v1/repos/{org}/{repo}/builds     201 + build object (number per repo, link)
+    GET  /api/v1/repos/{org}/{repo}/builds     ?commit=&event=: the builds it created
+    POST /api/v1/deployments/{org}/{repo}      201 + deployment (number it "created" on GitHub)
+    GET  /api/v1/deployments/{org}/{repo}/{id} 200 when it made or was told of that number
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+    at: float
+
+
+@dataclass
+class Reply:
+    """A scripted answer: ``status`` with ``body`` (JSON), after ``delay`` seconds."""
+
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class FakeVela:
+    def __init__(self, token: str = "vela-token") -> None:
+        self.token = token
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._script: deque[Reply] = deque()
+        self._default: Reply | None = None
+        self.requests: list[Recorded] = []
+        self.builds: dict[str, list[dict[str, Any]]] = {}
+        self.deployments: dict[str, dict[int, dict[str, Any]]] = {}
+        self._next_deployment = 1000
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    # -- control, from the test's thread ------------------------------------------------
+
+    def start(self) -> FakeVela:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def stop(self) -> None:
+        self._call(self._runner.cleanup() if self._runner else _nothing())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def go_down(self) -> None:
+        """Close the listening socket and every connection: connections are refused."""
+        self._call(self._runner.cleanup() if self._runner else _nothing())
+        self._runner = None
+
+    def come_up(self) -> None:
+        self._call(self._start())
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self._default = None
+            self.requests.clear()
+            self.builds.clear()
+            self.deployments.clear()
+        if self._runner is None:
+            self.come_up()
+
+    def script(self, *replies: Reply) -> None:
+        """The next POSTs get these answers, in order; then the default behaviour."""
+        with self._lock:
+            self._script.extend(replies)
+
+    def always(self, reply: Reply | None) -> None:
+        """Every POST gets this answer (None: behave like Vela again)."""
+        with self._lock:
+            self._default = reply
+
+    def posts(self, prefix: str = "/api/v1/") -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.method == "POST" and r.path.startswith(prefix)]
+
+    def wait_for_posts(self, count: int, timeout: float = 15.0) -> list[Recorded]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            posts = self.posts()
+            if len(posts) >= count:
+                return posts
+            time.sleep(0.02)
+        raise AssertionError(f"fake Vela got {len(self.posts())} POSTs, expected {count}")
+
+    # -- the server ----------------------------------------------------------------------
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/api/v1/repos/{org}/{repo}/builds", self._create_build)
+        app.router.add_get("/api/v1/repos/{org}/{repo}/builds", self._list_builds)
+        app.router.add_post("/api/v1/deployments/{org}/{repo}", self._create_deployment)
+        app.router.add_get("/api/v1/deployments/{org}/{repo}/{id}", self._get_deployment)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+
+    async def _record(self, request: web.Request) -> Recorded:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw
+        item = Recorded(
+            request.method, request.path, dict(request.query), dict(request.headers), body,
+            time.time(),
+        )
+        with self._lock:
+            self.requests.append(item)
+        return item
+
+    def _next_reply(self) -> Reply | None:
+        with self._lock:
+            if self._script:
+                return self._script.popleft()
+            return self._default
+
+    async def _scripted(self, request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            await self._record(request)
+            return web.json_response({"error": "unauthorized"}, status=401)
+        reply = self._next_reply()
+        if reply is None:
+            return None
+        await self._record(request)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+
+    async def _create_build(self, request: web.Request) -> web.Response:
+        scripted = await self._scripted(request)
+        if scripted is not None:
+            return scripted
+        item = await self._record(request)
+        org, repo = request.match_info["org"], request.match_info["repo"]
+        with self._lock:
+            builds = self.builds.setdefault(f"{org}/{repo}", [])
+            build = {**item.body, "id": len(builds) + 1, "number": len(builds) + 1,
+                     "status": "pending", "link": f"{self.url}/{org}/{repo}/{len(builds) + 1}"}
+            builds.append(build)
+        return web.json_response(build, status=201)
+
+    async def _list_builds(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        org, repo = request.match_info["org"], request.match_info["repo"]
+        query = request.query
+        with self._lock:
+            found = [
+                b for b in self.builds.get(f"{org}/{repo}", [])
+                if all(b.get(k) == query[k] for k in ("commit", "event") if k in query)
+            ]
+        return web.json_response(list(reversed(found)))
+
+    async def _create_deployment(self, request: web.Request) -> web.Response:
+        scripted = await self._scripted(request)
+        if scripted is not None:
+            return scripted
+        item = await self._record(request)
+        key = f"{request.match_info['org']}/{request.match_info['repo']}"
+        with self._lock:
+            self._next_deployment += 1
+            number = self._next_deployment
+            deployment = {**item.body, "id": number, "number": number}
+            self.deployments.setdefault(key, {})[number] = deployment
+        return web.json_response(deployment, status=201)
+
+    async def _get_deployment(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        key = f"{request.match_info['org']}/{request.match_info['repo']}"
+        with self._lock:
+            found = self.deployments.get(key, {}).get(int(request.match_info["id"]))
+        if found is None:
+            return web.json_response({"error": "not found"}, status=404)
+        return web.json_response(found)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
