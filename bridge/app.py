@@ -53,7 +53,10 @@ def create_app(config: Config) -> Starlette:
             connections=64,
         )
         await vela.open()
-        state.forwarder = Forwarder(state.queue, vela, config.retry, concurrency=64)
+        state.forwarder = Forwarder(
+            state.queue, vela, config.retry, concurrency=64,
+            probe_seconds=config.vela.auth_retry_seconds,
+        )
         state.intake = Intake(
             state.queue,
             [s.value.encode() for s in config.github.webhook_secrets],

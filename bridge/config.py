@@ -77,6 +77,7 @@ class VelaConfig:
     token: Secret
     url: str = "http://127.0.0.1:8080"
     timeout_seconds: float = 10.0
+    auth_retry_seconds: float = 30.0  # while Vela refuses the token, one try this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +278,7 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         token=vela_token or Secret(""),
         url=v.url("url", "http://127.0.0.1:8080"),
         timeout_seconds=v.number("timeout_seconds", 10.0),
+        auth_retry_seconds=v.number("auth_retry_seconds", 30.0),
     )
     v.finish()
 

@@ -45,3 +45,13 @@ def make_bridge(tmp_path: Path, vela: FakeVela) -> Iterator[Callable[..., Bridge
 @pytest.fixture
 def bridge(make_bridge: Callable[..., Bridge]) -> Bridge:
     return make_bridge()
+
+
+@pytest.fixture(scope="module")
+def shared_bridge(
+    tmp_path_factory: pytest.TempPathFactory, fake_vela: FakeVela
+) -> Iterator[Bridge]:
+    """One bridge for a module of tests that only need distinct GUIDs."""
+    bridge = Bridge(tmp_path_factory.mktemp("bridge"), fake_vela.url).start()
+    yield bridge
+    bridge.stop()

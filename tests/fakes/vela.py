@@ -36,12 +36,17 @@ class Recorded:
 
 @dataclass
 class Reply:
-    """A scripted answer: ``status`` with ``body`` (JSON), after ``delay`` seconds."""
+    """A scripted answer: ``status`` with ``body`` (JSON), after ``delay`` seconds.
 
-    status: int
+    With ``create``, the request is handled as Vela would (the build exists) and only
+    the answer is delayed: a client that times out cannot know it succeeded.
+    """
+
+    status: int = 201
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    create: bool = False
 
 
 class FakeVela:
@@ -51,7 +56,7 @@ class FakeVela:
         self.url = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._script: deque[Reply] = deque()
-        self._default: Reply | None = None
+        self._default: dict[str | None, Reply] = {}
         self.requests: list[Recorded] = []
         self.builds: dict[str, list[dict[str, Any]]] = {}
         self.deployments: dict[str, dict[int, dict[str, Any]]] = {}
@@ -85,7 +90,7 @@ class FakeVela:
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
-            self._default = None
+            self._default.clear()
             self.requests.clear()
             self.builds.clear()
             self.deployments.clear()
@@ -97,10 +102,13 @@ class FakeVela:
         with self._lock:
             self._script.extend(replies)
 
-    def always(self, reply: Reply | None) -> None:
-        """Every POST gets this answer (None: behave like Vela again)."""
+    def always(self, reply: Reply | None, repo: str | None = None) -> None:
+        """Every POST (for ``repo`` "org/name" only, if given) gets this answer; None: undo."""
         with self._lock:
-            self._default = reply
+            if reply is None:
+                self._default.pop(repo, None)
+            else:
+                self._default[repo] = reply
 
     def posts(self, prefix: str = "/api/v1/") -> list[Recorded]:
         with self._lock:
@@ -145,18 +153,21 @@ class FakeVela:
             self.requests.append(item)
         return item
 
-    def _next_reply(self) -> Reply | None:
+    def _next_reply(self, repo: str) -> Reply | None:
         with self._lock:
             if self._script:
                 return self._script.popleft()
-            return self._default
+            return self._default.get(repo) or self._default.get(None)
 
     async def _scripted(self, request: web.Request) -> web.Response | None:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             await self._record(request)
             return web.json_response({"error": "unauthorized"}, status=401)
-        reply = self._next_reply()
+        reply = self._next_reply(f"{request.match_info['org']}/{request.match_info['repo']}")
         if reply is None:
+            return None
+        if reply.create:
+            request["delay"] = reply.delay
             return None
         await self._record(request)
         if reply.delay:
@@ -174,7 +185,14 @@ class FakeVela:
             build = {**item.body, "id": len(builds) + 1, "number": len(builds) + 1,
                      "status": "pending", "link": f"{self.url}/{org}/{repo}/{len(builds) + 1}"}
             builds.append(build)
-        return web.json_response(build, status=201)
+        return await self._answer(request, build)
+
+    async def _answer(self, request: web.Request, created: dict[str, Any]) -> web.Response:
+        """201 with what was created, after a scripted delay when one was asked for."""
+        delay = request.get("delay", 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        return web.json_response(created, status=201)
 
     async def _list_builds(self, request: web.Request) -> web.Response:
         await self._record(request)
@@ -198,7 +216,7 @@ class FakeVela:
             number = self._next_deployment
             deployment = {**item.body, "id": number, "number": number}
             self.deployments.setdefault(key, {})[number] = deployment
-        return web.json_response(deployment, status=201)
+        return await self._answer(request, deployment)
 
     async def _get_deployment(self, request: web.Request) -> web.Response:
         await self._record(request)

@@ -1,0 +1,183 @@
+"""Forwarding to the fake Vela through real processes: retries, outages, order, pauses."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tests.fakes.vela import FakeVela, Reply
+from tests.support import Bridge, payload
+
+PUSH = payload("hand.push.feature-branch.json")
+
+
+def push(ref: str = "refs/heads/main", repo: str = "web.app", sha: str | None = None) -> dict[str, Any]:
+    """A push payload for ``repo`` and ``ref`` with its own head commit."""
+    body = copy.deepcopy(PUSH)
+    body["ref"] = ref
+    body["repository"]["name"] = repo
+    body["head_commit"]["id"] = sha or uuid.uuid4().hex + "00000000"
+    return body
+
+
+def guids_received(vela: FakeVela) -> Counter[str]:
+    return Counter(p.headers["X-GitHub-Delivery"] for p in vela.posts())
+
+
+def test_outage_deliveries_arrive_once_when_vela_returns(bridge: Bridge, vela: FakeVela) -> None:
+    vela.go_down()
+    sent = [str(uuid.uuid4()) for _ in range(20)]
+    for index, guid in enumerate(sent):
+        assert bridge.send("push", push(f"refs/heads/b{index % 5}"), guid=guid).status_code == 202
+    time.sleep(1.0)  # several failed attempts each, with the test's short backoff
+    vela.come_up()
+    for guid in sent:
+        bridge.wait_status(guid, "success")
+    assert guids_received(vela) == Counter({guid: 1 for guid in sent})
+
+
+def test_flapping_vela_under_concurrent_load(bridge: Bridge, vela: FakeVela) -> None:
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.is_set():
+            vela.go_down()
+            time.sleep(0.05)
+            vela.come_up()
+            time.sleep(0.1)
+
+    flapper = threading.Thread(target=flap)
+    flapper.start()
+    guids = [str(uuid.uuid4()) for _ in range(200)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(
+                lambda ig: Bridge.send(bridge, "push", push(f"refs/heads/b{ig[0] % 40}"),
+                                       guid=ig[1]).status_code,
+                enumerate(guids),
+            ))
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        flapper.join()
+    vela.come_up() if vela._runner is None else None
+    assert codes == [202] * len(guids)
+    for guid in guids:
+        bridge.wait_status(guid, "success", timeout=30)
+    received = guids_received(vela)
+    assert set(received) == set(guids)
+    assert [g for g, n in received.items() if n > 1] == []
+
+
+def test_permanent_4xx_is_one_request_then_failure(bridge: Bridge, vela: FakeVela) -> None:
+    vela.script(Reply(422, {"error": "unable to create build: bad branch"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    stored = bridge.wait_status(guid, "failure")
+    time.sleep(0.3)
+    assert len(vela.posts()) == 1
+    assert "bad branch" in stored["error"]
+    assert stored["jobs"][0]["exit_code"] == 422
+
+
+def test_retry_after_is_honoured(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(retry={"initial_backoff_seconds": 0.05, "max_backoff_seconds": 5})
+    vela.script(Reply(429, {"error": "slow down"}, headers={"Retry-After": "1"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    bridge.wait_status(guid, "success")
+    first, second = vela.posts()
+    assert second.at - first.at >= 1.0
+
+
+def test_retries_stop_after_max_attempts(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(retry={"max_attempts": 3})
+    vela.always(Reply(503, {"error": "down for maintenance"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    stored = bridge.wait_status(guid, "failure")
+    time.sleep(0.5)
+    assert len(vela.posts()) == 3
+    assert stored["jobs"][0]["attempts"] == 3
+    assert "3 attempts" in stored["error"]
+
+
+def test_retries_stop_after_max_age(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(retry={"max_age_seconds": 0.5, "max_attempts": 1000})
+    vela.always(Reply(500, {"error": "boom"}))
+    guid = str(uuid.uuid4())
+    start = time.time()
+    bridge.send("push", push(), guid=guid)
+    bridge.wait_status(guid, "failure")
+    assert 2 <= len(vela.posts()) < 20
+    assert time.time() - start < 5
+
+
+def test_vela_skips_are_skipped(bridge: Bridge, vela: FakeVela) -> None:
+    vela.script(
+        Reply(200, "no steps to run for this event"),
+        Reply(400, {"error": "repo octo-org/web.app does not have push events enabled"}),
+    )
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    bridge.send("push", push("refs/heads/a"), guid=first)
+    assert "no steps" in bridge.wait_status(first, "skipped")["error"]
+    bridge.send("push", push("refs/heads/b"), guid=second)
+    assert "does not have push events enabled" in bridge.wait_status(second, "skipped")["error"]
+
+
+def test_same_ref_is_forwarded_in_order_behind_a_retry(bridge: Bridge, vela: FakeVela) -> None:
+    vela.script(Reply(500, {"error": "hiccup"}), Reply(500, {"error": "hiccup"}))
+    guids = [str(uuid.uuid4()) for _ in range(5)]
+    for guid in guids:
+        bridge.send("push", push("refs/heads/main"), guid=guid)
+    for guid in guids:
+        bridge.wait_status(guid, "success")
+    successes = [p.headers["X-GitHub-Delivery"] for p in vela.posts()][2:]
+    assert successes == guids
+
+
+def test_other_lanes_flow_while_one_retries(bridge: Bridge, vela: FakeVela) -> None:
+    vela.always(Reply(500, {"error": "this repo is broken"}), repo=f"{PUSH['repository']['owner']['login']}/stuck")
+    stuck = str(uuid.uuid4())
+    bridge.send("push", push(repo="stuck"), guid=stuck)
+    others = [str(uuid.uuid4()) for _ in range(5)]
+    for guid in others:
+        bridge.send("push", push(repo="flowing"), guid=guid)
+    for guid in others:
+        bridge.wait_status(guid, "success")
+    assert bridge.delivery(stuck)["status"] == "running"
+
+
+def test_timeout_after_sending_looks_up_before_resending(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(vela={"timeout_seconds": 0.5}, queue={"lease_seconds": 5})
+    vela.script(Reply(create=True, delay=1.5))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    stored = bridge.wait_status(guid, "success")
+    assert len(vela.posts()) == 1
+    lookups = [r for r in vela.requests if r.method == "GET"]
+    assert lookups and lookups[0].query["event"] == "push"
+    assert stored["jobs"][0]["vela_number"] == 1
+
+
+def test_refused_token_pauses_without_consuming_attempts(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(vela={"auth_retry_seconds": 0.5}, retry={"max_attempts": 2})
+    vela.always(Reply(401, {"error": "token expired"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    deadline = time.monotonic() + 10
+    while len(vela.posts()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ready = bridge.client.get("/readyz")
+    assert ready.status_code == 503
+    assert "token" in ready.json()["reason"]
+    stored = bridge.delivery(guid)
+    assert stored["status"] == "running" and stored["jobs"][0]["attempts"] == 0
+    vela.always(None)
+    bridge.wait_status(guid, "success")
+    assert bridge.client.get("/readyz").status_code == 200
