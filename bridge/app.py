@@ -49,12 +49,17 @@ def create_app(config: Config) -> Starlette:
             retention_days=config.queue.retention_days,
         )
         vela = VelaClient(
-            config.vela.url, config.vela.token, timeout=config.vela.timeout_seconds,
+            config.vela.url,
+            config.vela.token,
+            timeout=config.vela.timeout_seconds,
             connections=64,
         )
         await vela.open()
         state.forwarder = Forwarder(
-            state.queue, vela, config.retry, concurrency=64,
+            state.queue,
+            vela,
+            config.retry,
+            concurrency=64,
             probe_seconds=config.vela.auth_retry_seconds,
         )
         state.intake = Intake(
@@ -87,9 +92,7 @@ def create_app(config: Config) -> Starlette:
         return JSONResponse({"status": "ready"})
 
     routes = [
-        Route(
-            "/webhook", webhook, methods=["POST"], max_body_size=config.server.max_body_bytes
-        ),
+        Route("/webhook", webhook, methods=["POST"], max_body_size=config.server.max_body_bytes),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
     ]

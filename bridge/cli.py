@@ -54,12 +54,18 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
     import uvicorn
 
     from bridge.app import create_app
-    from bridge.errors import QueueLocked
+    from bridge.errors import QueueError
     from bridge.observability import configure_logging
+    from bridge.queue import preflight
 
     host = host or config.server.host
     port = config.server.port if port is None else port
     configure_logging(config.log)
+    try:
+        preflight(config.queue.url)
+    except QueueError as exc:
+        print(f"vela-bridge: {exc}", file=sys.stderr)
+        return 2
     print(
         f"vela-bridge {__version__}: listening on http://{host}:{port}, "
         f"queue {config.queue.url}, forwarding to {config.vela.url}",
@@ -77,10 +83,6 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
             timeout_graceful_shutdown=10,
         )
     )
-    try:
-        server.run()
-    except QueueLocked as exc:
-        print(f"vela-bridge: {exc}", file=sys.stderr)
-        return 2
+    server.run()
     # uvicorn reports a failed start-up (the queue could not be opened) by not starting.
     return 0 if server.started else 1

@@ -147,7 +147,7 @@ class _Section:
     def _take(self, key: str) -> Any:
         return self.raw.pop(key, None)
 
-    def str(self, key: str, default: str) -> str:
+    def string(self, key: str, default: str) -> str:
         value = self._take(key)
         if value is None:
             return default
@@ -168,7 +168,7 @@ class _Section:
             return default
         return float(value)
 
-    def int(self, key: str, default: int, *, low: int = 1, high: int | None = None) -> int:
+    def integer(self, key: str, default: int, *, low: int = 1, high: int | None = None) -> int:
         value = self._take(key)
         if value is None:
             return default
@@ -181,7 +181,7 @@ class _Section:
             return default
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool) -> bool:
         value = self._take(key)
         if value is None:
             return default
@@ -191,14 +191,14 @@ class _Section:
         return value
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(key, default)
+        value = self.string(key, default)
         if value not in choices:
             self._problem(key, "must be one of " + ", ".join(f'"{c}"' for c in choices))
             return default
         return value
 
     def url(self, key: str, default: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
-        value = self.str(key, default)
+        value = self.string(key, default)
         if value and not _is_url(value, schemes):
             self._problem(key, "not a URL")
             return default
@@ -259,9 +259,9 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     s = section("server")
     server = ServerConfig(
-        host=s.str("host", "127.0.0.1"),
-        port=s.int("port", 8000, low=0, high=65535),
-        max_body_bytes=s.int("max_body_bytes", 26_214_400),
+        host=s.string("host", "127.0.0.1"),
+        port=s.integer("port", 8000, low=0, high=65535),
+        max_body_bytes=s.integer("max_body_bytes", 26_214_400),
         public_url=s.url("public_url", ""),
     )
     s.finish()
@@ -284,7 +284,7 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     q = section("queue")
     queue = QueueConfig(
-        url=q.str("url", "sqlite:///./vela-bridge.db"),
+        url=q.string("url", "sqlite:///./vela-bridge.db"),
         lease_seconds=q.number("lease_seconds", 60.0),
         retention_days=q.number("retention_days", 14.0),
     )
@@ -296,7 +296,7 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     r = section("retry")
     retry = RetryConfig(
-        max_attempts=r.int("max_attempts", 25),
+        max_attempts=r.integer("max_attempts", 25),
         max_age_seconds=r.number("max_age_seconds", 86_400.0),
         initial_backoff_seconds=r.number("initial_backoff_seconds", 1.0),
         max_backoff_seconds=r.number("max_backoff_seconds", 900.0),
@@ -356,7 +356,9 @@ def _github(g: _Section, env: Mapping[str, str]) -> GitHubConfig:
     if env.get("GITHUB_WEBHOOK_SECRET"):
         secrets.append(Secret(env["GITHUB_WEBHOOK_SECRET"]))
     if not secrets and not any(p.startswith("github.webhook_secrets") for p in g.problems):
-        g._problem("webhook_secrets", "at least one secret is required (or set GITHUB_WEBHOOK_SECRET)")
+        g._problem(
+            "webhook_secrets", "at least one secret is required (or set GITHUB_WEBHOOK_SECRET)"
+        )
 
     app_id = g._take("app_id")
     if app_id is not None and (isinstance(app_id, bool) or not isinstance(app_id, int)):
@@ -366,15 +368,15 @@ def _github(g: _Section, env: Mapping[str, str]) -> GitHubConfig:
         webhook_secrets=tuple(secrets),
         api_url=g.url("api_url", "https://api.github.com"),
         app_id=app_id,
-        private_key_file=g.str("private_key_file", ""),
+        private_key_file=g.string("private_key_file", ""),
         private_key=g.secret("private_key"),
         token=g.secret("token"),
         hooks=_hooks(g),
-        redeliver=g.bool("redeliver", False),
+        redeliver=g.boolean("redeliver", False),
         redeliver_interval_seconds=g.number("redeliver_interval_seconds", 300.0),
         redeliver_lookback_hours=g.number("redeliver_lookback_hours", 72.0),
-        redeliver_max_per_sweep=g.int("redeliver_max_per_sweep", 100),
-        report_failures=g.bool("report_failures", False),
+        redeliver_max_per_sweep=g.integer("redeliver_max_per_sweep", 100),
+        report_failures=g.boolean("report_failures", False),
     )
     g.finish()
     return config
@@ -390,7 +392,9 @@ def _hooks(g: _Section) -> tuple[GitHubHook, ...]:
     hooks = []
     for index, table in enumerate(raw):
         h = _Section(f"github.hooks[{index}]", table, g.env, g.problems)
-        hook = GitHubHook(hook_id=h.int("hook_id", 0), repo=h.str("repo", ""), org=h.str("org", ""))
+        hook = GitHubHook(
+            hook_id=h.integer("hook_id", 0), repo=h.string("repo", ""), org=h.string("org", "")
+        )
         if hook.hook_id == 0:
             h._problem("hook_id", "required")
         if bool(hook.repo) == bool(hook.org):

@@ -12,6 +12,7 @@ without consuming attempts; while paused, one job is tried every 30 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -131,17 +132,13 @@ class Forwarder:
         await self._sleep(min(delay, _IDLE_POLL_SECONDS))
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     async def _wait_slot(self) -> None:
         self._slot_free.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._slot_free.wait(), timeout=_IDLE_POLL_SECONDS)
-        except TimeoutError:
-            pass
 
     async def _run(self, job: ClaimedJob) -> None:
         try:
@@ -164,8 +161,11 @@ class Forwarder:
                 found = await self._vela.find_build(job.org, job.repo, body)
                 if found is not None:
                     return Settlement(
-                        JobState.SUCCESS, None, consumed=False,
-                        vela_number=found.number, vela_link=found.link,
+                        JobState.SUCCESS,
+                        None,
+                        consumed=False,
+                        vela_number=found.number,
+                        vela_link=found.link,
                     )
             answer = await self._vela.send(job.path, job.body, job.guid)
         except ForwardError as exc:
@@ -178,14 +178,20 @@ class Forwarder:
             )
         return Settlement(JobState.SKIPPED, attempt, error=answer.reason)
 
-    def _failed(self, job: ClaimedJob, exc: ForwardError, started: float, took: float) -> Settlement:
+    def _failed(
+        self, job: ClaimedJob, exc: ForwardError, started: float, took: float
+    ) -> Settlement:
         attempt = Attempt(started, took, exc.status_code, exc.message, exc.body)
         now = time.time()
         if isinstance(exc, Unauthorized):
             self._pause(exc.message)
             return Settlement(
-                JobState.RETRYING, attempt, consumed=False, next_attempt_at=now,
-                error=exc.message, unclear=job.unclear,
+                JobState.RETRYING,
+                attempt,
+                consumed=False,
+                next_attempt_at=now,
+                error=exc.message,
+                unclear=job.unclear,
             )
         if isinstance(exc, Rejected):
             self._resume()
@@ -199,14 +205,18 @@ class Forwarder:
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
         wait = self._backoff.wait(attempts, exc.retry_after)
         return Settlement(
-            JobState.RETRYING, attempt, next_attempt_at=now + wait, error=exc.message,
+            JobState.RETRYING,
+            attempt,
+            next_attempt_at=now + wait,
+            error=exc.message,
             unclear=unclear,
         )
 
     def _pause(self, reason: str) -> None:
         if self.paused_reason is None:
-            log.warning("forwarding paused: %s; trying again every %.0f s", reason,
-                        self._probe_seconds)
+            log.warning(
+                "forwarding paused: %s; trying again every %.0f s", reason, self._probe_seconds
+            )
         self.paused_reason = reason
 
     def _resume(self) -> None:

@@ -88,8 +88,11 @@ class Intake:
         except QueueUnavailable as exc:
             log.error("cannot store delivery: %s", exc, extra=_fields(delivery))
             return _error(503, "the queue cannot store the delivery right now; try again")
-        log.info("delivery %s", added, extra={**_fields(delivery), "status": str(added),
-                                             "reason": delivery.skip or ""})
+        log.info(
+            "delivery %s",
+            added,
+            extra={**_fields(delivery), "status": str(added), "reason": delivery.skip or ""},
+        )
         if added is Added.QUEUED:
             self._on_queued()
             return JSONResponse({"status": "queued", "delivery": guid}, status_code=202)

@@ -7,6 +7,7 @@ are a success, one of Vela's own skips, worth retrying, a token problem, or fina
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import time
 from collections.abc import Mapping
@@ -51,10 +52,8 @@ def classify(status: int, text: str, retry_after: str | None = None, *, now: flo
     """Turn one HTTP answer of Vela into an Answer, or raise the ForwardError it means."""
     excerpt = _excerpt(text)
     data: Any = None
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):
         data = orjson.loads(text) if text else None
-    except orjson.JSONDecodeError:
-        pass
     if 200 <= status < 300:
         if isinstance(data, str):  # Vela's "nothing to run" answer is a bare JSON string
             return Skipped(status, excerpt, reason=data)
@@ -168,9 +167,7 @@ class VelaClient:
                     return answer
         return None
 
-    async def _request(
-        self, method: str, path: str, **kwargs: Any
-    ) -> tuple[int, str, str | None]:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, str, str | None]:
         assert self._session is not None, "VelaClient.open() was not awaited"
         try:
             async with self._session.request(method, self._url + path, **kwargs) as response:

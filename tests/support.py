@@ -76,11 +76,17 @@ class Bridge:
         self.client = httpx.Client(base_url=self.url, timeout=10)
 
     def start(self, wait: bool = True, **popen: Any) -> Bridge:
-        env = {k: v for k, v in os.environ.items() if k not in ("VELA_TOKEN", "GITHUB_WEBHOOK_SECRET")}
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("VELA_TOKEN", "GITHUB_WEBHOOK_SECRET")
+        }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, **popen,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+                **popen,
             )
         if wait:
             self.wait_ready()
@@ -156,8 +162,12 @@ class Bridge:
             if row is None:
                 return None
             d = dict(row)
-            d["jobs"] = [dict(j) for j in conn.execute(
-                "SELECT * FROM jobs WHERE delivery_id = ? ORDER BY number", (row["id"],))]
+            d["jobs"] = [
+                dict(j)
+                for j in conn.execute(
+                    "SELECT * FROM jobs WHERE delivery_id = ? ORDER BY number", (row["id"],)
+                )
+            ]
             return d
         finally:
             conn.close()

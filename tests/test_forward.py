@@ -16,7 +16,9 @@ from tests.support import Bridge, payload
 PUSH = payload("hand.push.feature-branch.json")
 
 
-def push(ref: str = "refs/heads/main", repo: str = "web.app", sha: str | None = None) -> dict[str, Any]:
+def push(
+    ref: str = "refs/heads/main", repo: str = "web.app", sha: str | None = None
+) -> dict[str, Any]:
     """A push payload for ``repo`` and ``ref`` with its own head commit."""
     body = copy.deepcopy(PUSH)
     body["ref"] = ref
@@ -56,11 +58,16 @@ def test_flapping_vela_under_concurrent_load(bridge: Bridge, vela: FakeVela) -> 
     guids = [str(uuid.uuid4()) for _ in range(200)]
     try:
         with ThreadPoolExecutor(16) as pool:
-            codes = list(pool.map(
-                lambda ig: Bridge.send(bridge, "push", push(f"refs/heads/b{ig[0] % 40}"),
-                                       guid=ig[1]).status_code,
-                enumerate(guids),
-            ))
+            codes = list(
+                pool.map(
+                    lambda ig: (
+                        Bridge.send(
+                            bridge, "push", push(f"refs/heads/b{ig[0] % 40}"), guid=ig[1]
+                        ).status_code
+                    ),
+                    enumerate(guids),
+                )
+            )
         time.sleep(0.5)
     finally:
         stop.set()
@@ -142,7 +149,10 @@ def test_same_ref_is_forwarded_in_order_behind_a_retry(bridge: Bridge, vela: Fak
 
 
 def test_other_lanes_flow_while_one_retries(bridge: Bridge, vela: FakeVela) -> None:
-    vela.always(Reply(500, {"error": "this repo is broken"}), repo=f"{PUSH['repository']['owner']['login']}/stuck")
+    vela.always(
+        Reply(500, {"error": "this repo is broken"}),
+        repo=f"{PUSH['repository']['owner']['login']}/stuck",
+    )
     stuck = str(uuid.uuid4())
     bridge.send("push", push(repo="stuck"), guid=stuck)
     others = [str(uuid.uuid4()) for _ in range(5)]

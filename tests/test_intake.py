@@ -148,7 +148,9 @@ def test_non_ascii_delivery_header_is_400(shared_bridge: Bridge) -> None:
     assert status == 400
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "", "application/xml", "multipart/form-data"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "", "application/xml", "multipart/form-data"]
+)
 def test_other_content_type_is_415(shared_bridge: Bridge, content_type: str) -> None:
     body = json.dumps(PUSH).encode()
     headers = dict(signed_headers(body))
@@ -197,8 +199,11 @@ def test_unparseable_body_is_400(shared_bridge: Bridge, body: bytes, content_typ
     ],
 )
 def test_missing_required_key_is_400(shared_bridge: Bridge, event: str, path: list[str]) -> None:
-    name = {"push": "hand.push.feature-branch.json", "pull_request": "pull_request.opened.1.json",
-            "deployment": "deployment.created.1.json"}[event]
+    name = {
+        "push": "hand.push.feature-branch.json",
+        "pull_request": "pull_request.opened.1.json",
+        "deployment": "deployment.created.1.json",
+    }[event]
     body = payload(name)
     node = body
     for key in path[:-1]:

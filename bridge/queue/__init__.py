@@ -115,12 +115,24 @@ class Queue(Protocol):
     async def close(self) -> None: ...
 
 
+def _sqlite_path(url: str) -> str:
+    return url.removeprefix("sqlite:///")
+
+
+def preflight(url: str) -> None:
+    """Fail fast with a clear QueueError when the queue is certain not to open."""
+    if url.startswith("sqlite:///"):
+        from bridge.queue.sqlite import check_free
+
+        check_free(_sqlite_path(url))
+
+
 async def open_queue(url: str, *, lease_seconds: float, retention_days: float) -> Queue:
     if url.startswith("sqlite:///"):
         from bridge.queue.sqlite import SQLiteQueue
 
         return await SQLiteQueue.open(
-            url.removeprefix("sqlite:///"),
+            _sqlite_path(url),
             lease_seconds=lease_seconds,
             retention_days=retention_days,
         )

@@ -11,6 +11,7 @@ it is durable (interface.md: a 2xx survives a power cut).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -84,7 +85,9 @@ class Writer:
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+    def _commit(
+        self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
+    ) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -101,20 +104,17 @@ class Writer:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             error = QueueUnavailable(f"the queue could not commit: {exc}")
             results = [(future, None, error) for _, future in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for item in results:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
         for loop, items in by_loop.items():
-            try:
+            # RuntimeError: that loop is closed, so nobody waits for these any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, items)
-            except RuntimeError:  # that loop is closed: nobody waits any more
-                pass
 
 
 def _as_queue_error(exc: Exception) -> Exception:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,12 +150,19 @@ class SQLiteQueue:
 
     async def purge(self, now: float) -> int:
         return await self._writer.run(
-            lambda conn: _purge(conn, now - self._retention, now - max(self._retention, _DEDUPE_SECONDS))
+            lambda conn: _purge(
+                conn, now - self._retention, now - max(self._retention, _DEDUPE_SECONDS)
+            )
         )
 
     async def close(self) -> None:
         self._writer.stop()
         os.close(self._lock)
+
+
+def check_free(path: str) -> None:
+    """Raise QueueLocked (or QueueUnavailable) now, before a server starts, if open() would."""
+    os.close(_lock(Path(path)))
 
 
 def _lock(file: Path) -> int:
@@ -204,27 +211,52 @@ def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
         " status, error, summary, payload, created_at, finished_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            d.guid, d.repo, repo_key, number, d.github_event, d.action, d.event, status,
-            d.skip or "", orjson.dumps(d.summary), d.payload, d.received_at,
+            d.guid,
+            d.repo,
+            repo_key,
+            number,
+            d.github_event,
+            d.action,
+            d.event,
+            status,
+            d.skip or "",
+            orjson.dumps(d.summary),
+            d.payload,
+            d.received_at,
             d.received_at if skipped else None,
         ),
     ).lastrowid
     for index, job in enumerate(d.jobs, start=1):
-        head = conn.execute(
-            f"SELECT 1 FROM jobs WHERE lane = ? AND state IN {_ACTIVE_SQL} LIMIT 1", (job.lane,)
-        ).fetchone() is None
+        head = (
+            conn.execute(
+                f"SELECT 1 FROM jobs WHERE lane = ? AND state IN {_ACTIVE_SQL} LIMIT 1", (job.lane,)
+            ).fetchone()
+            is None
+        )
         conn.execute(
-            "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, body, lane,"
-            " head, next_attempt_at, enqueued_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, body,"
+            " lane, head, next_attempt_at, enqueued_at)"
+            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                delivery_id, index, job.endpoint, job.org, job.repo, job.path, job.body,
-                job.lane, int(head), d.received_at, d.received_at,
+                delivery_id,
+                index,
+                job.endpoint,
+                job.org,
+                job.repo,
+                job.path,
+                job.body,
+                job.lane,
+                int(head),
+                d.received_at,
+                d.received_at,
             ),
         )
     return Added.SKIPPED if skipped else Added.QUEUED
 
 
-def _claim(conn: sqlite3.Connection, limit: int, now: float, lease_until: float) -> list[ClaimedJob]:
+def _claim(
+    conn: sqlite3.Connection, limit: int, now: float, lease_until: float
+) -> list[ClaimedJob]:
     rows = conn.execute(
         "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, j.body, j.attempts,"
         " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id"
@@ -243,9 +275,19 @@ def _claim(conn: sqlite3.Connection, limit: int, now: float, lease_until: float)
         _refresh_delivery(conn, row[13], now)
         claimed.append(
             ClaimedJob(
-                id=row[0], guid=row[1], number=row[2], endpoint=row[3], org=row[4], repo=row[5],
-                path=row[6], body=row[7], attempts=row[8], first_attempt_at=row[9],
-                unclear=bool(row[10]), github_event=row[11], action=row[12],
+                id=row[0],
+                guid=row[1],
+                number=row[2],
+                endpoint=row[3],
+                org=row[4],
+                repo=row[5],
+                path=row[6],
+                body=row[7],
+                attempts=row[8],
+                first_attempt_at=row[9],
+                unclear=bool(row[10]),
+                github_event=row[11],
+                action=row[12],
             )
         )
     return claimed
@@ -267,9 +309,17 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
         " exit_code = COALESCE(?, exit_code), error = ?,"
         " vela_number = COALESCE(?, vela_number), vela_link = ?, finished_at = ? WHERE id = ?",
         (
-            s.state, int(s.consumed), a.started_at if a else None, s.next_attempt_at or now,
-            int(s.unclear), a.http_status if a else None, s.error, s.vela_number, s.vela_link,
-            now if finished else None, job_id,
+            s.state,
+            int(s.consumed),
+            a.started_at if a else None,
+            s.next_attempt_at or now,
+            int(s.unclear),
+            a.http_status if a else None,
+            s.error,
+            s.vela_number,
+            s.vela_link,
+            now if finished else None,
+            job_id,
         ),
     )
     if a is not None:
@@ -296,9 +346,10 @@ def _promote(conn: sqlite3.Connection, job_id: int, lane: str) -> None:
 def _refresh_delivery(
     conn: sqlite3.Connection, delivery_id: int, now: float, error: str | None = None
 ) -> None:
-    states = [JobState(r[0]) for r in conn.execute(
-        "SELECT state FROM jobs WHERE delivery_id = ?", (delivery_id,)
-    )]
+    states = [
+        JobState(r[0])
+        for r in conn.execute("SELECT state FROM jobs WHERE delivery_id = ?", (delivery_id,))
+    ]
     status = delivery_status(states)
     done = not (set(states) & ACTIVE)
     conn.execute(
@@ -306,8 +357,12 @@ def _refresh_delivery(
         " started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,"
         " finished_at = ? WHERE id = ?",
         (
-            status, error, int(JobState.RUNNING in states), now,
-            now if done else None, delivery_id,
+            status,
+            error,
+            int(JobState.RUNNING in states),
+            now,
+            now if done else None,
+            delivery_id,
         ),
     )
 
@@ -370,7 +425,5 @@ def _purge(conn: sqlite3.Connection, bodies_before: float, rows_before: float) -
         (rows_before,),
     )
     conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({old})", (rows_before,))
-    touched += conn.execute(
-        "DELETE FROM deliveries WHERE finished_at < ?", (rows_before,)
-    ).rowcount
+    touched += conn.execute("DELETE FROM deliveries WHERE finished_at < ?", (rows_before,)).rowcount
     return touched

@@ -146,7 +146,11 @@ class FakeVela:
         except ValueError:
             body = raw
         item = Recorded(
-            request.method, request.path, dict(request.query), dict(request.headers), body,
+            request.method,
+            request.path,
+            dict(request.query),
+            dict(request.headers),
+            body,
             time.time(),
         )
         with self._lock:
@@ -182,8 +186,13 @@ class FakeVela:
         org, repo = request.match_info["org"], request.match_info["repo"]
         with self._lock:
             builds = self.builds.setdefault(f"{org}/{repo}", [])
-            build = {**item.body, "id": len(builds) + 1, "number": len(builds) + 1,
-                     "status": "pending", "link": f"{self.url}/{org}/{repo}/{len(builds) + 1}"}
+            build = {
+                **item.body,
+                "id": len(builds) + 1,
+                "number": len(builds) + 1,
+                "status": "pending",
+                "link": f"{self.url}/{org}/{repo}/{len(builds) + 1}",
+            }
             builds.append(build)
         return await self._answer(request, build)
 
@@ -200,7 +209,8 @@ class FakeVela:
         query = request.query
         with self._lock:
             found = [
-                b for b in self.builds.get(f"{org}/{repo}", [])
+                b
+                for b in self.builds.get(f"{org}/{repo}", [])
                 if all(b.get(k) == query[k] for k in ("commit", "event") if k in query)
             ]
         return web.json_response(list(reversed(found)))
