@@ -33,6 +33,7 @@ class Writer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self.commits = 0  # transactions committed: fewer than calls when batching works
 
     def start(self) -> None:
         self._thread.start()
@@ -102,6 +103,7 @@ class Writer:
                     results.append((future, value, None))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
+            self.commits += 1
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
