@@ -18,6 +18,7 @@ from bridge.convert import Policy
 from bridge.errors import QueueError
 from bridge.forward import Forwarder
 from bridge.intake import Intake, JSONResponse
+from bridge.operator import OperatorAPI
 from bridge.queue import Queue, open_queue
 from bridge.vela import VelaClient
 
@@ -37,6 +38,7 @@ class _State:
 
 def create_app(config: Config) -> Starlette:
     state = _State()
+    policy = Policy(config.events.deployment, config.events.fork_pull_requests)
 
     async def webhook(request: Request) -> Response:
         return await state.intake(request)
@@ -65,7 +67,7 @@ def create_app(config: Config) -> Starlette:
         state.intake = Intake(
             state.queue,
             [s.value.encode() for s in config.github.webhook_secrets],
-            Policy(config.events.deployment, config.events.fork_pull_requests),
+            policy,
             on_queued=state.forwarder.wake,
         )
         state.forwarder.start()
@@ -91,10 +93,18 @@ def create_app(config: Config) -> Starlette:
             return JSONResponse({"status": "paused", "reason": paused}, 503)
         return JSONResponse({"status": "ready"})
 
+    operator = OperatorAPI(
+        lambda: state.queue,
+        config.operator.token,
+        policy,
+        config.vela.url,
+        on_queued=lambda: state.forwarder.wake(),
+    )
     routes = [
         Route("/webhook", webhook, methods=["POST"], max_body_size=config.server.max_body_bytes),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        *operator.routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 

@@ -1,10 +1,12 @@
-"""The ``vela-bridge`` command: serve, check-config."""
+"""The ``vela-bridge`` command: serve, check-config, deliveries, replay."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,8 +32,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a configuration and exit")
     check.add_argument("--config", type=Path, help="TOML file (default: ./config.toml if present)")
 
+    for name, text in (("deliveries", "list stored deliveries"), ("replay", "restart a delivery")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--url", help="the bridge (default http://127.0.0.1:8000, or --config's)")
+        sub.add_argument("--config", type=Path, help="read server.host/port and operator.token")
+        if name == "deliveries":
+            sub.add_argument("--repo", help="owner/name: that repository's builds")
+            sub.add_argument("--status", help="pending, running, success, failure, killed, skipped")
+            sub.add_argument("--event", help="GitHub event (without --repo)")
+            sub.add_argument("--guid", help="X-GitHub-Delivery (without --repo)")
+            sub.add_argument("--page", default="1")
+            sub.add_argument("--per-page", default="25")
+            sub.add_argument("--json", action="store_true", help="print the build objects")
+        else:
+            sub.add_argument("repo", help="owner/name")
+            sub.add_argument("number", type=int, help="the build number")
+
     args = parser.parse_args(argv)
     env = dict(os.environ)
+    if args.command in ("deliveries", "replay"):
+        return _operator_command(args, env)
     try:
         config = _load(args.config, env)
     except ConfigError as exc:
@@ -42,6 +62,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("configuration is valid")
         return 0
     return _serve(config, args.host, args.port)
+
+
+def _operator_command(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from bridge.client import ClientError, OperatorClient, table
+
+    try:
+        url, token = _client_settings(args.config, env)
+        client = OperatorClient(args.url or url, token)
+        if args.command == "replay":
+            build = client.replay(args.repo, args.number)
+            print(f"{args.repo} #{args.number} restarted: {build.get('status')}")
+            return 0
+        if args.repo and "/" not in args.repo:
+            raise ClientError("--repo must be owner/name")
+        query = {"status": args.status, "page": args.page, "per_page": args.per_page}
+        if not args.repo:
+            query |= {"event": args.event, "guid": args.guid}
+        builds = client.deliveries(args.repo, query)
+    except ClientError as exc:
+        print(f"vela-bridge: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(builds, indent=2) if args.json else table(builds))
+    return 0
+
+
+def _client_settings(path: Path | None, env: Mapping[str, str]) -> tuple[str, str | None]:
+    """The bridge's URL and the operator token, read leniently: a client needs no Vela token."""
+    from bridge.client import ClientError
+
+    host, port, token = "127.0.0.1", 8000, None
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"{path}: cannot be read ({exc})") from None
+        server, operator = raw.get("server", {}), raw.get("operator", {})
+        host = str(server.get("host", host))
+        port = server.get("port", port)
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise ClientError(f"{path}: server.port must be a whole number")
+        configured = operator.get("token")
+        if isinstance(configured, str) and configured.startswith("env:"):
+            configured = env.get(configured[4:])
+        token = configured if isinstance(configured, str) else None
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}", env.get("BRIDGE_OPERATOR_TOKEN") or token
 
 
 def _load(path: Path | None, env: Mapping[str, str]) -> Config:

@@ -8,6 +8,9 @@
     ├── QueueError                  the durable queue cannot do what was asked
     │   ├── QueueUnavailable        it cannot be reached or cannot store (503 at intake)
     │   └── QueueLocked             another process owns the SQLite file
+    ├── OperatorError               an operator API request cannot be served; .status_code
+    │   ├── NotFound                no such repository, build or job (404)
+    │   └── Conflict                not in a state that allows it (409)
     └── ForwardError                a Vela request did not succeed; .status_code is the
         │                           HTTP status (None for transport errors), .body an excerpt
         ├── Retryable               transport errors, timeouts, 408, 429, 5xx; .retry_after
@@ -56,6 +59,22 @@ class QueueUnavailable(QueueError):
 
 class QueueLocked(QueueError):
     pass
+
+
+class OperatorError(BridgeError):
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(OperatorError):
+    status_code = 404
+
+
+class Conflict(OperatorError):
+    status_code = 409
 
 
 class ForwardError(BridgeError):

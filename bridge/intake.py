@@ -156,18 +156,23 @@ def _delivery(
         summary=asdict(summary),
         payload=payload,
         skip=conversion.skip,
-        jobs=tuple(
-            NewJob(
-                endpoint=r.endpoint,
-                org=r.org,
-                repo=r.repo,
-                path=r.path,
-                body=orjson.dumps(r.body),
-                lane=r.order_key,
-            )
-            for r in conversion.requests
-        ),
+        jobs=new_jobs(conversion),
         received_at=received,
+    )
+
+
+def new_jobs(conversion: Conversion) -> tuple[NewJob, ...]:
+    """The queue's jobs for a conversion's requests, bodies serialised once."""
+    return tuple(
+        NewJob(
+            endpoint=r.endpoint,
+            org=r.org,
+            repo=r.repo,
+            path=r.path,
+            body=orjson.dumps(r.body),
+            lane=r.order_key,
+        )
+        for r in conversion.requests
     )
 
 

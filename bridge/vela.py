@@ -24,6 +24,7 @@ from bridge.errors import ForwardError, Rejected, Retryable, Unauthorized
 
 USER_AGENT = f"vela-bridge/{__version__}"
 _EXCERPT = 300
+_MAYBE_CREATED = frozenset({500, 502, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,9 @@ def classify(status: int, text: str, retry_after: str | None = None, *, now: flo
             status_code=status,
             body=excerpt,
             retry_after=parse_retry_after(retry_after, now or time.time()),
+            # Vela may have created the build before a 500 (e.g. its queue publish failed)
+            # or behind a gateway's 502/504: look before re-sending. 408/429/503 refused it.
+            sent=status in _MAYBE_CREATED,
         )
     raise Rejected(f"Vela rejected it: {message}", status_code=status, body=excerpt)
 

@@ -22,6 +22,7 @@ from tests.fakes.vela import _free_port
 SECRET = "it's a secret to everybody"
 OTHER_SECRET = "the rotated one"
 VELA_TOKEN = "vela-token"
+OPERATOR_TOKEN = "operator-token"
 PAYLOADS = Path(__file__).parent / "payloads"
 
 
@@ -67,6 +68,7 @@ class Bridge:
             "queue": {"url": f"sqlite:///{self.db}", "lease_seconds": 10},
             "retry": {"initial_backoff_seconds": 0.05, "max_backoff_seconds": 0.5},
             "log": {"format": "json", "level": "debug"},
+            "operator": {"token": OPERATOR_TOKEN},
         }
         for name, table in overrides.items():
             sections.setdefault(name, {}).update(table)
@@ -152,6 +154,11 @@ class Bridge:
         }
         sent.update(headers or {})
         return self.client.post("/webhook", content=raw, headers=sent)
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Call the operator API with the operator token."""
+        headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", **kwargs.pop("headers", {})}
+        return self.client.request(method, path, headers=headers, **kwargs)
 
     def delivery(self, guid: str) -> dict[str, Any] | None:
         """The stored delivery and its jobs, read from the queue file (read-only)."""

@@ -74,12 +74,12 @@ def test_add_dedupes_on_guid_within_and_across_batches(tmp_path: Path) -> None:
 
 def test_skipped_delivery_is_stored_without_jobs(tmp_path: Path) -> None:
     async def main(q: SQLiteQueue) -> tuple[Added, Any]:
-        return await q.add(delivery("s", jobs=0)), await q.get_delivery("s")
+        return await q.add(delivery("s", jobs=0)), await q.delivery("s")
 
     added, stored = run(main, tmp_path / "q.db")
     assert added is Added.SKIPPED
-    assert stored["status"] == "skipped" and stored["error"] == "not forwarded"
-    assert stored["jobs"] == [] and stored["finished_at"] is not None
+    assert stored.status == "skipped" and stored.error == "not forwarded"
+    assert stored.jobs == () and stored.finished_at is not None
 
 
 def test_numbers_are_per_repository_case_insensitive_and_survive_reopening(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_numbers_are_per_repository_case_insensitive_and_survive_reopening(tmp_p
 
     async def second(q: SQLiteQueue) -> list[int]:
         await q.add(delivery("a3", repo="OCTO/APP"))
-        return [(await q.get_delivery(g))["number"] for g in ("a1", "a2", "a3", "b1")]
+        return [(await q.delivery(g)).number for g in ("a1", "a2", "a3", "b1")]
 
     run(first, tmp_path / "q.db")
     assert run(second, tmp_path / "q.db") == [1, 2, 3, 1]
@@ -143,14 +143,14 @@ def test_claims_of_a_dead_process_are_released_on_open(tmp_path: Path) -> None:
         assert len(await q.claim(10, time.time())) == 1  # then "dies" holding the claim
 
     async def reopen(q: SQLiteQueue) -> Any:
-        stored = await q.get_delivery("g")
+        stored = await q.delivery("g")
         claimed = await q.claim(10, time.time())
         return stored, claimed
 
     run(crash, path)
     stored, claimed = run(reopen, path)
-    assert stored["jobs"][0]["state"] == "retrying"
-    assert stored["jobs"][0]["unclear"] == 1
+    assert stored.jobs[0].state == "retrying"
+    assert stored.jobs[0].unclear
     assert [job.unclear for job in claimed] == [True]
 
 
@@ -204,16 +204,16 @@ def test_retention_drops_bodies_then_rows_keeping_guids_a_week(tmp_path: Path) -
         await q.add(delivery("active", at=now - 3 * DAY))  # never forwarded: kept whole
         await q.purge(now)
         return [
-            await q.get_delivery("old"),
-            await q.get_delivery("ancient"),
-            await q.get_delivery("fresh"),
-            await q.get_delivery("active"),
+            await q.delivery("old"),
+            await q.delivery("ancient"),
+            await q.delivery("fresh"),
+            await q.delivery("active"),
             await q.add(delivery("old", jobs=0)),
         ]
 
     old, ancient, fresh, active, again = run(main, tmp_path / "q.db", days=1)
-    assert old is not None and old["payload"] is None
+    assert old is not None and not old.has_payload
     assert ancient is None
-    assert fresh["payload"] is not None
-    assert active["payload"] is not None and active["jobs"][0]["body"] is not None
+    assert fresh.has_payload
+    assert active.has_payload and active.jobs[0].has_body
     assert again is Added.DUPLICATE

@@ -7,7 +7,7 @@ of the bridge never sees SQL.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -85,6 +85,59 @@ class Settlement:
     vela_link: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: int
+    number: int
+    state: JobState
+    endpoint: str
+    path: str
+    has_body: bool
+    attempts: int
+    next_attempt_at: float
+    unclear: bool
+    exit_code: int
+    error: str
+    vela_number: int | None
+    vela_link: str
+    enqueued_at: float
+    started_at: float | None
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    id: int
+    guid: str
+    repo: str
+    number: int | None
+    github_event: str
+    action: str
+    event: str
+    status: str
+    error: str
+    summary: Mapping[str, Any]
+    has_payload: bool
+    created_at: float
+    enqueued_at: float
+    started_at: float | None
+    finished_at: float | None
+    jobs: tuple[JobRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Which slice of a newest-first listing; ``page`` counts from 1."""
+
+    page: int = 1
+    per_page: int = 25
+
+
+# Restarting a delivery the bridge skipped converts its payload again, ignoring the
+# skip reason: (github_event, payload JSON) → the jobs, or why there still are none.
+Reconvert = Callable[[str, bytes], "tuple[NewJob, ...] | str"]
+
+
 class Queue(Protocol):
     """What the bridge needs of a durable queue; every method is safe to call concurrently."""
 
@@ -103,8 +156,29 @@ class Queue(Protocol):
     async def next_due(self) -> float | None:
         """When the earliest claimable job becomes due, or None when there is none."""
 
-    async def get_delivery(self, guid: str) -> dict[str, Any] | None:
-        """A delivery with its jobs and their attempts, for operators and tests."""
+    async def delivery(self, guid: str) -> DeliveryRecord | None: ...
+
+    async def build(self, repo: str, number: int) -> DeliveryRecord:
+        """A repository's delivery by number (repo matched case-insensitively); NotFound."""
+
+    async def builds(self, repo: str, status: str | None, page: Page) -> list[DeliveryRecord]:
+        """A repository's deliveries, newest first; NotFound when it has none at all."""
+
+    async def deliveries(
+        self, guid: str | None, status: str | None, event: str | None, page: Page
+    ) -> list[DeliveryRecord]:
+        """Every delivery (with or without a repository), newest first."""
+
+    async def restart(
+        self, repo: str, number: int, reconvert: Reconvert, now: float
+    ) -> DeliveryRecord:
+        """Queue all the delivery's jobs again; Conflict while one is in flight."""
+
+    async def cancel(self, repo: str, number: int, job: int, now: float) -> DeliveryRecord:
+        """A pending or retrying job becomes killed; Conflict when running or finished."""
+
+    async def job_log(self, repo: str, number: int, job: int) -> tuple[JobRecord, list[Attempt]]:
+        """A job and its attempts, oldest first; NotFound."""
 
     async def ping(self) -> None:
         """Raise QueueUnavailable unless the queue answers."""

@@ -15,14 +15,25 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from bridge.errors import QueueLocked, QueueUnavailable
-from bridge.queue import Added, ClaimedJob, NewDelivery, Settlement
+from bridge.queue import (
+    Added,
+    Attempt,
+    ClaimedJob,
+    DeliveryRecord,
+    JobRecord,
+    NewDelivery,
+    Page,
+    Reconvert,
+    Settlement,
+)
+from bridge.queue import _sqlite_history as history
+from bridge.queue._sqlite_rows import insert_job, promote, refresh_delivery
 from bridge.queue._writer import Writer
-from bridge.states import ACTIVE, FINISHED, JobState, check, delivery_status
+from bridge.states import FINISHED, JobState, check, delivery_status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -43,6 +54,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     summary BLOB NOT NULL,
     payload BLOB,
     created_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL
 );
@@ -92,7 +104,6 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
 """
 
-_ACTIVE_SQL = "('pending', 'running', 'retrying')"
 # Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog.
 CLAIM_SQL = (
     "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, j.body, j.attempts,"
@@ -150,8 +161,34 @@ class SQLiteQueue:
 
         return await self._writer.run(op)
 
-    async def get_delivery(self, guid: str) -> dict[str, Any] | None:
-        return await self._writer.run(lambda conn: _get_delivery(conn, guid))
+    async def delivery(self, guid: str) -> DeliveryRecord | None:
+        return await self._writer.run(lambda conn: history.by_guid(conn, guid))
+
+    async def build(self, repo: str, number: int) -> DeliveryRecord:
+        return await self._writer.run(lambda conn: history.build(conn, repo, number))
+
+    async def builds(self, repo: str, status: str | None, page: Page) -> list[DeliveryRecord]:
+        return await self._writer.run(lambda conn: history.builds(conn, repo, status, page))
+
+    async def deliveries(
+        self, guid: str | None, status: str | None, event: str | None, page: Page
+    ) -> list[DeliveryRecord]:
+        return await self._writer.run(
+            lambda conn: history.deliveries(conn, guid, status, event, page)
+        )
+
+    async def restart(
+        self, repo: str, number: int, reconvert: Reconvert, now: float
+    ) -> DeliveryRecord:
+        return await self._writer.run(
+            lambda conn: history.restart(conn, repo, number, reconvert, now)
+        )
+
+    async def cancel(self, repo: str, number: int, job: int, now: float) -> DeliveryRecord:
+        return await self._writer.run(lambda conn: history.cancel(conn, repo, number, job, now))
+
+    async def job_log(self, repo: str, number: int, job: int) -> tuple[JobRecord, list[Attempt]]:
+        return await self._writer.run(lambda conn: history.job_log(conn, repo, number, job))
 
     async def ping(self) -> None:
         await self._writer.run(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -216,8 +253,8 @@ def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
     status = delivery_status([JobState.PENDING] * len(d.jobs))
     delivery_id = conn.execute(
         "INSERT INTO deliveries (guid, repo, repo_key, number, github_event, action, event,"
-        " status, error, summary, payload, created_at, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " status, error, summary, payload, created_at, enqueued_at, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             d.guid,
             d.repo,
@@ -231,34 +268,13 @@ def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
             orjson.dumps(d.summary),
             d.payload,
             d.received_at,
+            d.received_at,
             d.received_at if skipped else None,
         ),
     ).lastrowid
+    assert delivery_id is not None
     for index, job in enumerate(d.jobs, start=1):
-        head = (
-            conn.execute(
-                f"SELECT 1 FROM jobs WHERE lane = ? AND state IN {_ACTIVE_SQL} LIMIT 1", (job.lane,)
-            ).fetchone()
-            is None
-        )
-        conn.execute(
-            "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, body,"
-            " lane, head, next_attempt_at, enqueued_at)"
-            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                delivery_id,
-                index,
-                job.endpoint,
-                job.org,
-                job.repo,
-                job.path,
-                job.body,
-                job.lane,
-                int(head),
-                d.received_at,
-                d.received_at,
-            ),
-        )
+        insert_job(conn, delivery_id, index, job, d.received_at)
     return Added.SKIPPED if skipped else Added.QUEUED
 
 
@@ -273,7 +289,7 @@ def _claim(
             " started_at = COALESCE(started_at, ?) WHERE id = ?",
             (lease_until, now, row[0]),
         )
-        _refresh_delivery(conn, row[13], now)
+        refresh_delivery(conn, row[13], now)
         claimed.append(
             ClaimedJob(
                 id=row[0],
@@ -330,42 +346,8 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
             (job_id, a.started_at, a.duration, a.http_status, a.error, a.excerpt),
         )
     if finished and head:
-        _promote(conn, job_id, lane)
-    _refresh_delivery(conn, delivery_id, now, error=s.error)
-
-
-def _promote(conn: sqlite3.Connection, job_id: int, lane: str) -> None:
-    """The job left the active states: the next active job of its lane becomes the head."""
-    conn.execute("UPDATE jobs SET head = 0 WHERE id = ?", (job_id,))
-    conn.execute(
-        "UPDATE jobs SET head = 1 WHERE id = (SELECT id FROM jobs"
-        f" WHERE lane = ? AND state IN {_ACTIVE_SQL} ORDER BY id LIMIT 1)",
-        (lane,),
-    )
-
-
-def _refresh_delivery(
-    conn: sqlite3.Connection, delivery_id: int, now: float, error: str | None = None
-) -> None:
-    states = [
-        JobState(r[0])
-        for r in conn.execute("SELECT state FROM jobs WHERE delivery_id = ?", (delivery_id,))
-    ]
-    status = delivery_status(states)
-    done = not (set(states) & ACTIVE)
-    conn.execute(
-        "UPDATE deliveries SET status = ?, error = COALESCE(?, error),"
-        " started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,"
-        " finished_at = ? WHERE id = ?",
-        (
-            status,
-            error,
-            int(JobState.RUNNING in states),
-            now,
-            now if done else None,
-            delivery_id,
-        ),
-    )
+        promote(conn, job_id, lane)
+    refresh_delivery(conn, delivery_id, now, error=s.error)
 
 
 def _release(conn: sqlite3.Connection, job_ids: Sequence[int], now: float) -> None:
@@ -376,37 +358,11 @@ def _release(conn: sqlite3.Connection, job_ids: Sequence[int], now: float) -> No
             (now, job_id),
         ).fetchone()
         if row is not None:
-            _refresh_delivery(conn, row[0], now)
+            refresh_delivery(conn, row[0], now)
 
 
 def _release_all(conn: sqlite3.Connection, now: float) -> None:
     _release(conn, [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running'")], now)
-
-
-def _get_delivery(conn: sqlite3.Connection, guid: str) -> dict[str, Any] | None:
-    conn.row_factory = sqlite3.Row
-    try:
-        row = conn.execute("SELECT * FROM deliveries WHERE guid = ?", (guid,)).fetchone()
-        if row is None:
-            return None
-        delivery = dict(row)
-        delivery["summary"] = orjson.loads(delivery["summary"])
-        jobs = []
-        for job in conn.execute(
-            "SELECT * FROM jobs WHERE delivery_id = ? ORDER BY number", (row["id"],)
-        ):
-            item = dict(job)
-            item["attempts_log"] = [
-                dict(a)
-                for a in conn.execute(
-                    "SELECT * FROM attempts WHERE job_id = ? ORDER BY id", (job["id"],)
-                )
-            ]
-            jobs.append(item)
-        delivery["jobs"] = jobs
-        return delivery
-    finally:
-        conn.row_factory = None
 
 
 def _purge(conn: sqlite3.Connection, bodies_before: float, rows_before: float) -> int:

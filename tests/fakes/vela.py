@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+_DELAY = web.RequestKey("delay", float)
+
 
 @dataclass
 class Recorded:
@@ -171,7 +173,7 @@ class FakeVela:
         if reply is None:
             return None
         if reply.create:
-            request["delay"] = reply.delay
+            request[_DELAY] = reply.delay
             return None
         await self._record(request)
         if reply.delay:
@@ -198,7 +200,7 @@ class FakeVela:
 
     async def _answer(self, request: web.Request, created: dict[str, Any]) -> web.Response:
         """201 with what was created, after a scripted delay when one was asked for."""
-        delay = request.get("delay", 0.0)
+        delay = request.get(_DELAY, 0.0)
         if delay:
             await asyncio.sleep(delay)
         return web.json_response(created, status=201)
