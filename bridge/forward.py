@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -61,6 +62,7 @@ class Forwarder:
         *,
         concurrency: int = 64,
         probe_seconds: float = PAUSE_PROBE_SECONDS,
+        on_settled: Callable[[ClaimedJob, Settlement], Awaitable[None]] | None = None,
     ) -> None:
         self._queue = queue
         self._vela = vela
@@ -74,6 +76,7 @@ class Forwarder:
         self._slot_free = asyncio.Event()
         self.paused_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._on_settled = on_settled
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch(), name="forwarder")
@@ -145,6 +148,8 @@ class Forwarder:
             settlement = await self._attempt(job)
             await self._queue.settle(job.id, settlement, time.time())
             self._log(job, settlement)
+            if self._on_settled is not None:
+                await self._on_settled(job, settlement)
         except QueueError as exc:
             log.error("cannot settle job %s: %s", job.id, exc, extra=_fields(job))
         finally:

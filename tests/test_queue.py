@@ -217,3 +217,29 @@ def test_retention_drops_bodies_then_rows_keeping_guids_a_week(tmp_path: Path) -
     assert fresh.has_payload
     assert active.has_payload and active.jobs[0].has_body
     assert again is Added.DUPLICATE
+
+
+def test_report_state_says_once_per_change(tmp_path: Path) -> None:
+    async def main(q: SQLiteQueue) -> list[bool]:
+        return [
+            await q.report_state("g", "error"),
+            await q.report_state("g", "error"),
+            await q.report_state("g", "success"),
+            await q.report_state("other", "error"),
+        ]
+
+    assert run(main, tmp_path / "q.db") == [True, False, True, True]
+
+
+def test_one_holder_leads_until_its_lease_expires(tmp_path: Path) -> None:
+    async def main(q: SQLiteQueue) -> list[bool]:
+        now = time.time()
+        return [
+            await q.try_lead("sweep", "a", 60, now),
+            await q.try_lead("sweep", "b", 60, now + 1),
+            await q.try_lead("sweep", "a", 60, now + 2),  # renewal
+            await q.try_lead("sweep", "b", 60, now + 63),  # a's lease ran out
+            await q.try_lead("sweep", "a", 60, now + 64),
+        ]
+
+    assert run(main, tmp_path / "q.db") == [True, False, True, True, False]

@@ -180,6 +180,22 @@ class Queue(Protocol):
     async def job_log(self, repo: str, number: int, job: int) -> tuple[JobRecord, list[Attempt]]:
         """A job and its attempts, oldest first; NotFound."""
 
+    async def payload(self, guid: str) -> bytes | None:
+        """The stored GitHub payload (None when unknown or deleted by retention)."""
+
+    async def report_state(self, guid: str, state: str) -> bool:
+        """Record ``state`` as the last commit status reported for the delivery.
+
+        True when it differs from the one recorded before (the caller then reports
+        it); False when it was already reported, so one state change gives one status.
+        """
+
+    async def try_lead(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder`` until ``now + ttl``.
+
+        True when ``holder`` has it: one replica at a time runs the job named.
+        """
+
     async def ping(self) -> None:
         """Raise QueueUnavailable unless the queue answers."""
 

@@ -92,6 +92,15 @@ CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, id)
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (next_attempt_at)
     WHERE head = 1 AND state IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (id) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS reports (
+    guid TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     job_id INTEGER NOT NULL,
@@ -189,6 +198,37 @@ class SQLiteQueue:
 
     async def job_log(self, repo: str, number: int, job: int) -> tuple[JobRecord, list[Attempt]]:
         return await self._writer.run(lambda conn: history.job_log(conn, repo, number, job))
+
+    async def payload(self, guid: str) -> bytes | None:
+        def op(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT payload FROM deliveries WHERE guid = ?", (guid,)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._writer.run(op)
+
+    async def report_state(self, guid: str, state: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            changed = conn.execute(
+                "INSERT INTO reports (guid, state) VALUES (?, ?) ON CONFLICT (guid)"
+                " DO UPDATE SET state = excluded.state WHERE reports.state <> excluded.state",
+                (guid, state),
+            ).rowcount
+            return bool(changed)
+
+        return await self._writer.run(op)
+
+    async def try_lead(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name)"
+                " DO UPDATE SET holder = excluded.holder, until = excluded.until"
+                " WHERE leases.holder = excluded.holder OR leases.until < ?"
+                " RETURNING holder",
+                (name, holder, now + ttl, now),
+            ).fetchone()
+            return row is not None
+
+        return await self._writer.run(op)
 
     async def ping(self) -> None:
         await self._writer.run(lambda conn: conn.execute("SELECT 1").fetchone())
