@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import Config, load
+from bridge.config import Config, load, redact_url
 from bridge.errors import ConfigError
 
 _DEFAULT_CONFIG = Path("config.toml")
@@ -135,7 +135,7 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
         return 2
     print(
         f"vela-bridge {__version__}: listening on http://{host}:{port}, "
-        f"queue {config.queue.url}, forwarding to {config.vela.url}",
+        f"queue {redact_url(config.queue.url)}, forwarding to {config.vela.url}",
         file=sys.stderr,
         flush=True,
     )

@@ -224,9 +224,32 @@ class _Section:
             return None
         return Secret(value)
 
+    def overridable_secret(self, key: str, env_name: str) -> Secret | None:
+        """A secret that environment variable ``env_name`` replaces when it is set.
+
+        The file's value is then still type-checked but not resolved: an ``env:``
+        reference that the override makes moot is not a problem.
+        """
+        in_file = self._take(key)
+        if env_name not in self.env:
+            return self.secret(key, in_file)
+        if in_file is not None and not isinstance(in_file, str):
+            self._problem(key, "must be a string")
+        return self.secret(key, self.env[env_name])
+
     def finish(self) -> None:
         for key in sorted(self.raw):
             self._problem(key, "unknown key")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo (postgresql://user:pw@host) masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
 
 
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
@@ -269,9 +292,8 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     github = _github(section("github"), env)
 
     v = section("vela")
-    vela_token = v.secret("token")
-    if "VELA_TOKEN" in env:
-        vela_token = v.secret("token", env["VELA_TOKEN"])
+    # An environment override replaces the file's value unread (it may name a missing env:).
+    vela_token = v.overridable_secret("token", "VELA_TOKEN")
     if vela_token is None and not any(p.startswith("vela.token:") for p in problems):
         problems.append("vela.token: required (or set VELA_TOKEN)")
     vela = VelaConfig(
@@ -290,6 +312,8 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
     if not queue.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         problems.append('queue.url: must start with "sqlite:///" or "postgresql://"')
+    if queue.url.removeprefix("sqlite:///") in ("", ":memory:"):
+        problems.append('queue.url: needs a file path, e.g. "sqlite:///./vela-bridge.db"')
     if queue.lease_seconds <= vela.timeout_seconds:
         problems.append("queue.lease_seconds: must exceed vela.timeout_seconds")
     q.finish()
@@ -306,9 +330,7 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     r.finish()
 
     o = section("operator")
-    operator_token = o.secret("token")
-    if "BRIDGE_OPERATOR_TOKEN" in env:
-        operator_token = o.secret("token", env["BRIDGE_OPERATOR_TOKEN"])
+    operator_token = o.overridable_secret("token", "BRIDGE_OPERATOR_TOKEN")
     o.finish()
 
     e = section("events")
@@ -395,7 +417,7 @@ def _hooks(g: _Section) -> tuple[GitHubHook, ...]:
         hook = GitHubHook(
             hook_id=h.integer("hook_id", 0), repo=h.string("repo", ""), org=h.string("org", "")
         )
-        if hook.hook_id == 0:
+        if "hook_id" not in table:
             h._problem("hook_id", "required")
         if bool(hook.repo) == bool(hook.org):
             h._problem("repo", 'give exactly one of repo = "org/name" or org = "name"')
