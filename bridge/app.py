@@ -8,11 +8,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bridge import observability as metrics
 from bridge.config import Config
 from bridge.convert import Policy
 from bridge.errors import QueueError
@@ -93,6 +95,13 @@ def create_app(config: Config) -> Starlette:
             return JSONResponse({"status": "paused", "reason": paused}, 503)
         return JSONResponse({"status": "ready"})
 
+    async def metrics_endpoint(request: Request) -> Response:
+        with contextlib.suppress(QueueError, TimeoutError):
+            depth, age = await asyncio.wait_for(state.queue.stats(time.time()), timeout=2.0)
+            metrics.QUEUE_DEPTH.set(depth)
+            metrics.OLDEST_PENDING_AGE.set(age)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     operator = OperatorAPI(
         lambda: state.queue,
         config.operator.token,
@@ -104,6 +113,7 @@ def create_app(config: Config) -> Starlette:
         Route("/webhook", webhook, methods=["POST"], max_body_size=config.server.max_body_bytes),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
         *operator.routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

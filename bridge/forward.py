@@ -22,10 +22,11 @@ from typing import Any
 import orjson
 import tenacity
 
+from bridge import observability as metrics
 from bridge.config import RetryConfig
 from bridge.errors import ForwardError, QueueError, Rejected, Retryable, Unauthorized
 from bridge.queue import Attempt, ClaimedJob, Queue, Settlement
-from bridge.states import JobState
+from bridge.states import FINISHED, JobState
 from bridge.vela import Accepted, VelaClient
 
 log = logging.getLogger("bridge.forward")
@@ -148,6 +149,7 @@ class Forwarder:
             settlement = await self._attempt(job)
             await self._queue.settle(job.id, settlement, time.time())
             self._log(job, settlement)
+            _count(job, settlement)
             if self._on_settled is not None:
                 await self._on_settled(job, settlement)
         except QueueError as exc:
@@ -218,6 +220,7 @@ class Forwarder:
         )
 
     def _pause(self, reason: str) -> None:
+        metrics.FORWARDING_PAUSED.set(1)
         if self.paused_reason is None:
             log.warning(
                 "forwarding paused: %s; trying again every %.0f s", reason, self._probe_seconds
@@ -226,6 +229,7 @@ class Forwarder:
 
     def _resume(self) -> None:
         if self.paused_reason is not None:
+            metrics.FORWARDING_PAUSED.set(0)
             log.warning("forwarding resumed: Vela accepts the token again")
             self.paused_reason = None
             self._wake.set()
@@ -245,6 +249,15 @@ class Forwarder:
                 "next_attempt_at": s.next_attempt_at if s.state == JobState.RETRYING else None,
             },
         )
+
+
+def _count(job: ClaimedJob, s: Settlement) -> None:
+    if s.attempt is not None:
+        result = metrics.attempt_result(s.attempt.http_status)
+        metrics.FORWARD_ATTEMPTS.labels(job.endpoint, result).inc()
+        metrics.FORWARD_DURATION.observe(s.attempt.duration)
+    if s.state in FINISHED:
+        metrics.FINISHED.labels(str(s.state)).inc()
 
 
 def _fields(job: ClaimedJob) -> dict[str, Any]:

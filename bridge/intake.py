@@ -17,9 +17,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bridge import observability as metrics
 from bridge import signature
 from bridge.convert import Conversion, Policy, convert
 from bridge.errors import IntakeError, QueueUnavailable
@@ -61,44 +63,70 @@ class Intake:
         self._on_queued = on_queued
 
     async def __call__(self, request: Request) -> Response:
+        started = time.perf_counter()
+        response, event, outcome = await self._handle(request)
+        metrics.RECEIVED.labels(event, outcome).inc()
+        metrics.INTAKE_DURATION.observe(time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: Request) -> tuple[Response, str, str]:
+        """The answer, the event label ("" until the signature is verified) and the outcome."""
         received = time.time()
-        body = await request.body()  # over server.max_body_bytes: starlette answers 413
+        try:
+            body = await request.body()
+        except HTTPException as exc:  # starlette's max_body_size: stop reading, answer 413
+            if exc.status_code != 413:
+                raise
+            return _error(413, "the delivery is larger than server.max_body_bytes"), "", "too_large"
         headers = request.headers
         raw_signature = _raw_header(request, b"x-hub-signature-256")
         if not signature.verify(raw_signature, body, self._secrets):
             why = "missing" if raw_signature is None else "does not match any configured secret"
-            return _error(401, f"X-Hub-Signature-256 {why}")
+            log.info("refused: X-Hub-Signature-256 %s", why, extra={"status": "unauthorized"})
+            return _error(401, f"X-Hub-Signature-256 {why}"), "", "unauthorized"
         event = headers.get("x-github-event", "")
         guid = headers.get("x-github-delivery", "")
         if not _EVENT.fullmatch(event):
-            return _error(400, "X-GitHub-Event header missing or malformed")
+            return _error(400, "X-GitHub-Event header missing or malformed"), "", "bad_request"
         if not _GUID.fullmatch(guid):
-            return _error(400, "X-GitHub-Delivery header missing or malformed")
+            return (
+                _error(400, "X-GitHub-Delivery header missing or malformed"),
+                event,
+                "bad_request",
+            )
         try:
             payload_bytes, payload = _parse(headers.get("content-type", ""), body)
             if event == "ping":
-                return JSONResponse({"status": "pong"})
+                return JSONResponse({"status": "pong"}), event, "pong"
             conversion = convert(event, payload, self._policy)
         except IntakeError as exc:
             log.info("refused: %s", exc.message, extra={"delivery": guid, "event": event})
-            return _error(exc.status_code, exc.message)
+            return _error(exc.status_code, exc.message), event, "bad_request"
         delivery = _delivery(guid, event, conversion, payload_bytes, received)
         try:
             added = await self._queue.add(delivery)
         except QueueUnavailable as exc:
             log.error("cannot store delivery: %s", exc, extra=_fields(delivery))
-            return _error(503, "the queue cannot store the delivery right now; try again")
+            answer = _error(503, "the queue cannot store the delivery right now; try again")
+            return answer, event, "unavailable"
         log.info(
             "delivery %s",
             added,
-            extra={**_fields(delivery), "status": str(added), "reason": delivery.skip or ""},
+            extra={
+                **_fields(delivery),
+                "status": str(added),
+                "reason": delivery.skip or "",
+                "duration_ms": round((time.time() - received) * 1000, 2),
+            },
         )
         if added is Added.QUEUED:
             self._on_queued()
-            return JSONResponse({"status": "queued", "delivery": guid}, status_code=202)
+            return JSONResponse({"status": "queued", "delivery": guid}, 202), event, "queued"
         if added is Added.DUPLICATE:
-            return JSONResponse({"status": "duplicate", "delivery": guid})
-        return JSONResponse({"status": "skipped", "delivery": guid, "reason": delivery.skip})
+            return JSONResponse({"status": "duplicate", "delivery": guid}), event, "duplicate"
+        metrics.FINISHED.labels("skipped").inc()
+        answer = JSONResponse({"status": "skipped", "delivery": guid, "reason": delivery.skip})
+        return answer, event, "skipped"
 
 
 def _raw_header(request: Request, name: bytes) -> bytes | None:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from bridge import observability as metrics
 from bridge.config import Secret
 from bridge.convert import Policy, convert
 from bridge.errors import IntakeError, OperatorError
@@ -104,6 +105,8 @@ class OperatorAPI:
         cancelled = await self._queue().cancel(
             _repo(request), _positive(request, "number"), _positive(request, "job"), time.time()
         )
+        if cancelled.status == DeliveryStatus.KILLED:
+            metrics.FINISHED.labels("killed").inc()
         return JSONResponse(self._build(cancelled))
 
     async def log(self, request: Request) -> Response:

@@ -45,6 +45,8 @@ TEMPLATES = [
 
 def assert_clean(status: int, data: bytes) -> None:
     assert status in ANSWERS, (status, data[:300])
+    if status == 400 and data == b"Invalid HTTP request received.":
+        return  # uvicorn's own answer to bytes that are not HTTP (a control byte in a header)
     answer = json.loads(data)
     assert isinstance(answer, dict) and ("error" in answer or "status" in answer)
     assert b"Traceback" not in data

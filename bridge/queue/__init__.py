@@ -196,6 +196,9 @@ class Queue(Protocol):
         True when ``holder`` has it: one replica at a time runs the job named.
         """
 
+    async def stats(self, now: float) -> tuple[int, float]:
+        """Jobs not yet finished, and the age in seconds of the oldest (0 when none)."""
+
     async def ping(self) -> None:
         """Raise QueueUnavailable unless the queue answers."""
 

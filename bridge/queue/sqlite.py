@@ -31,7 +31,7 @@ from bridge.queue import (
     Settlement,
 )
 from bridge.queue import _sqlite_history as history
-from bridge.queue._sqlite_rows import insert_job, promote, refresh_delivery
+from bridge.queue._sqlite_rows import ACTIVE_SQL, insert_job, promote, refresh_delivery
 from bridge.queue._writer import Writer
 from bridge.states import FINISHED, JobState, check, delivery_status
 
@@ -227,6 +227,15 @@ class SQLiteQueue:
                 (name, holder, now + ttl, now),
             ).fetchone()
             return row is not None
+
+        return await self._writer.run(op)
+
+    async def stats(self, now: float) -> tuple[int, float]:
+        def op(conn: sqlite3.Connection) -> tuple[int, float]:
+            count, oldest = conn.execute(
+                f"SELECT COUNT(*), MIN(enqueued_at) FROM jobs WHERE state IN {ACTIVE_SQL}"
+            ).fetchone()
+            return int(count), max(0.0, now - oldest) if oldest is not None else 0.0
 
         return await self._writer.run(op)
 

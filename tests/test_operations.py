@@ -1,0 +1,132 @@
+"""Operations: /metrics after a known sequence, /healthz, and secrets never in the logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.signature import sign
+from tests.fakes.vela import FakeVela, Reply
+from tests.support import OPERATOR_TOKEN, OTHER_SECRET, SECRET, VELA_TOKEN, Bridge, payload
+from tests.test_forward import push
+
+ROOT = Path(__file__).parent.parent
+
+
+def scrape(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = bridge.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_a_known_sequence(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(server={"max_body_bytes": 20_000})
+    vela.script(Reply(201), Reply(422, {"error": "bad pipeline"}))
+    ok, failed = str(uuid.uuid4()), str(uuid.uuid4())
+    assert bridge.send("push", push("refs/heads/a"), guid=ok).status_code == 202
+    assert bridge.send("push", push("refs/heads/b"), guid=failed).status_code == 202
+    assert bridge.send("push", push(), guid=ok).json()["status"] == "duplicate"
+    assert bridge.send("issue_comment", payload("issue_comment.created.1.json")).status_code == 200
+    assert bridge.send("ping", payload("ping.1.json")).status_code == 200
+    assert bridge.send("push", push(), secret="wrong").status_code == 401
+    assert bridge.send("push", {"ref": "refs/heads/x"}).status_code == 400
+    assert bridge.send("push", {**push(), "padding": "x" * 30_000}).status_code == 413
+    bridge.wait_status(ok, "success")
+    bridge.wait_status(failed, "failure")
+
+    samples = scrape(bridge)
+    received = "vela_bridge_deliveries_received_total"
+    assert value(samples, received, event="push", outcome="queued") == 2
+    assert value(samples, received, event="push", outcome="duplicate") == 1
+    assert value(samples, received, event="issue_comment", outcome="skipped") == 1
+    assert value(samples, received, event="ping", outcome="pong") == 1
+    assert value(samples, received, event="", outcome="unauthorized") == 1
+    assert value(samples, received, event="push", outcome="bad_request") == 1
+    assert value(samples, received, event="", outcome="too_large") == 1
+    attempts = "vela_bridge_forward_attempts_total"
+    assert value(samples, attempts, endpoint="builds", result="2xx") == 1
+    assert value(samples, attempts, endpoint="builds", result="4xx") == 1
+    finished = "vela_bridge_deliveries_finished_total"
+    assert value(samples, finished, state="success") == 1
+    assert value(samples, finished, state="failure") == 1
+    assert value(samples, finished, state="skipped") == 1
+    assert value(samples, "vela_bridge_intake_duration_seconds_count") == 8
+    assert value(samples, "vela_bridge_forward_duration_seconds_count") == 2
+    assert value(samples, "vela_bridge_queue_depth") == 0
+    assert value(samples, "vela_bridge_forwarding_paused") == 0
+
+
+def test_queue_gauges_and_paused_gauge(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(vela={"auth_retry_seconds": 60})
+    vela.always(Reply(401, {"error": "token expired"}))
+    bridge.send("push", push("refs/heads/a"))
+    bridge.send("push", push("refs/heads/b"))
+    vela.wait_for_posts(1)
+    time.sleep(0.3)
+    samples = scrape(bridge)
+    assert value(samples, "vela_bridge_queue_depth") == 2
+    assert value(samples, "vela_bridge_queue_oldest_pending_age_seconds") > 0
+    assert value(samples, "vela_bridge_forwarding_paused") == 1
+    assert value(samples, "vela_bridge_forward_attempts_total", endpoint="builds", result="4xx")
+
+
+def test_healthz_and_readyz(bridge: Bridge) -> None:
+    assert bridge.client.get("/healthz").json() == {"status": "ok"}
+    assert bridge.client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_no_secret_ever_reaches_the_logs_or_answers(make_bridge: Any, vela: FakeVela) -> None:
+    bridge = make_bridge(vela={"auth_retry_seconds": 0.2})
+    signatures = []
+    answers = []
+    for secret in (SECRET, OTHER_SECRET, "wrong"):
+        body = push()
+        signatures.append(sign(json.dumps(body).encode(), secret.encode()).removeprefix("sha256="))
+        answers.append(bridge.send("push", body, secret=secret).text)
+    vela.script(Reply(401, {"error": "bad token"}), Reply(500, {"error": "boom"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    bridge.wait_status(guid, "success")
+    answers.append(bridge.api("GET", "/api/deliveries").text)
+    answers.append(bridge.api("GET", "/api/repos/octo-org/web.app/logs/1/1").text)
+    answers.append(bridge.client.get("/metrics").text)
+    bridge.stop()
+    logs = bridge.logs()
+    assert '"message":"delivery queued"' in logs  # the logs did capture the run
+    assert '"http_status":401' in logs and "forwarding paused" in logs
+    for secret in (SECRET, OTHER_SECRET, VELA_TOKEN, OPERATOR_TOKEN, *signatures):
+        assert secret not in logs
+        for answer in answers:
+            assert secret not in answer
+
+
+def test_dockerfile_runs_the_packaged_command() -> None:
+    """No hadolint here: check the image's entry point is the console script we ship."""
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])$", dockerfile, re.MULTILINE)
+    assert entrypoint is not None
+    command = json.loads(entrypoint.group(1))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert command[0] == "vela-bridge"
+    assert f'{command[0]} = "bridge.cli:main"' in pyproject
+    assert re.search(r"^USER\s+(?!root\b)\S+", dockerfile, re.MULTILINE), "runs as non-root"
+    assert re.search(r"^HEALTHCHECK\b.*healthz", dockerfile, re.MULTILINE)
+    assert re.search(r"^VOLUME\b", dockerfile, re.MULTILINE)
+    from bridge.cli import main
+
+    assert callable(main)
