@@ -27,7 +27,7 @@ from bridge.config import RetryConfig
 from bridge.errors import ForwardError, QueueError, Rejected, Retryable, Unauthorized
 from bridge.queue import Attempt, ClaimedJob, Queue, Settlement
 from bridge.states import FINISHED, JobState
-from bridge.vela import Accepted, VelaClient
+from bridge.vela import Accepted, VelaClient, builds_path
 
 log = logging.getLogger("bridge.forward")
 
@@ -146,10 +146,10 @@ class Forwarder:
 
     async def _run(self, job: ClaimedJob) -> None:
         try:
-            settlement = await self._attempt(job)
+            settlement, endpoint = await self._attempt(job)
             await self._queue.settle(job.id, settlement, time.time())
-            self._log(job, settlement)
-            _count(job, settlement)
+            self._log(job, settlement, endpoint)
+            _count(endpoint, settlement)
             if self._on_settled is not None:
                 await self._on_settled(job, settlement)
         except QueueError as exc:
@@ -159,13 +159,15 @@ class Forwarder:
             self._slot_free.set()
             self._wake.set()  # the lane may have a next job now
 
-    async def _attempt(self, job: ClaimedJob) -> Settlement:
-        body: dict[str, Any] = orjson.loads(job.body)
+    async def _attempt(self, job: ClaimedJob) -> tuple[Settlement, str]:
+        """One attempt at the job: the settlement, and the endpoint it went to."""
         started = time.time()
         clock = time.monotonic()
+        endpoint = job.endpoint
         try:
-            if job.unclear and job.endpoint == "builds":
-                found = await self._vela.find_build(job.org, job.repo, body)
+            endpoint, path, body = await self._target(job)
+            if job.unclear:
+                found = await self._find(job, endpoint, body)
                 if found is not None:
                     return Settlement(
                         JobState.SUCCESS,
@@ -173,17 +175,48 @@ class Forwarder:
                         consumed=False,
                         vela_number=found.number,
                         vela_link=found.link,
-                    )
-            answer = await self._vela.send(job.path, job.body, job.guid)
+                        vela_deployment=found.number if endpoint == "deployments" else None,
+                    ), endpoint
+            answer = await self._vela.send(path, body, job.guid)
         except ForwardError as exc:
-            return self._failed(job, exc, started, time.monotonic() - clock)
+            return self._failed(job, exc, started, time.monotonic() - clock), endpoint
         attempt = Attempt(started, time.monotonic() - clock, answer.status, "", answer.excerpt)
         self._resume()
         if isinstance(answer, Accepted):
             return Settlement(
-                JobState.SUCCESS, attempt, vela_number=answer.number, vela_link=answer.link
-            )
-        return Settlement(JobState.SKIPPED, attempt, error=answer.reason)
+                JobState.SUCCESS,
+                attempt,
+                vela_number=answer.number,
+                vela_link=answer.link,
+                vela_deployment=answer.number if endpoint == "deployments" else None,
+            ), endpoint
+        return Settlement(JobState.SKIPPED, attempt, error=answer.reason), endpoint
+
+    async def _target(self, job: ClaimedJob) -> tuple[str, str, bytes]:
+        """Where the job goes: (endpoint, path, body).
+
+        mapping.md, deployment: a GitHub deployment Vela made itself (the bridge
+        recorded its number when Vela answered, or Vela knows it) is forwarded as a
+        build, never as another deployment request. The lane (repository and
+        environment) holds an early echo until the request that caused it settled.
+        """
+        if job.endpoint != "deployments" or job.fallback is None:
+            return job.endpoint, job.path, job.body
+        number = orjson.loads(job.fallback).get("deploy_number")
+        if isinstance(number, int) and (
+            await self._queue.is_vela_deployment(f"{job.org}/{job.repo}", number)
+            or await self._vela.deployment_exists(job.org, job.repo, number)
+        ):
+            return "builds", builds_path(job.org, job.repo), job.fallback
+        return job.endpoint, job.path, job.body
+
+    async def _find(self, job: ClaimedJob, endpoint: str, body: bytes) -> Accepted | None:
+        """After an unclear attempt: what an earlier attempt may have created in Vela."""
+        request = orjson.loads(body)
+        if endpoint == "deployments":
+            since = job.first_attempt_at or 0.0
+            return await self._vela.find_deployment(job.org, job.repo, request, since)
+        return await self._vela.find_build(job.org, job.repo, request)
 
     def _failed(
         self, job: ClaimedJob, exc: ForwardError, started: float, took: float
@@ -234,7 +267,7 @@ class Forwarder:
             self.paused_reason = None
             self._wake.set()
 
-    def _log(self, job: ClaimedJob, s: Settlement) -> None:
+    def _log(self, job: ClaimedJob, s: Settlement, endpoint: str) -> None:
         a = s.attempt
         log.info(
             "forward %s",
@@ -242,6 +275,7 @@ class Forwarder:
             extra={
                 **_fields(job),
                 "status": str(s.state),
+                "endpoint": endpoint,
                 "attempt": job.attempts + int(s.consumed and a is not None),
                 "http_status": a.http_status if a else None,
                 "duration_ms": round(a.duration * 1000, 1) if a else 0,
@@ -251,10 +285,10 @@ class Forwarder:
         )
 
 
-def _count(job: ClaimedJob, s: Settlement) -> None:
+def _count(endpoint: str, s: Settlement) -> None:
     if s.attempt is not None:
         result = metrics.attempt_result(s.attempt.http_status)
-        metrics.FORWARD_ATTEMPTS.labels(job.endpoint, result).inc()
+        metrics.FORWARD_ATTEMPTS.labels(endpoint, result).inc()
         metrics.FORWARD_DURATION.observe(s.attempt.duration)
     if s.state in FINISHED:
         metrics.FINISHED.labels(str(s.state)).inc()

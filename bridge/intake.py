@@ -199,6 +199,7 @@ def new_jobs(conversion: Conversion) -> tuple[NewJob, ...]:
             path=r.path,
             body=orjson.dumps(r.body),
             lane=r.order_key,
+            fallback=None if r.fallback is None else orjson.dumps(r.fallback),
         )
         for r in conversion.requests
     )

@@ -114,6 +114,23 @@ def _excerpt(text: str) -> str:
     return flat if len(flat) <= _EXCERPT else flat[: _EXCERPT - 1] + "…"
 
 
+def builds_path(org: str, repo: str) -> str:
+    """Vela's build-create and build-list path for a repository (seed 000)."""
+    return f"/api/v1/repos/{quote(org, safe='')}/{quote(repo, safe='')}/builds"
+
+
+def _repo_path(collection: str, org: str, repo: str) -> str:
+    return f"/api/v1/{collection}/{quote(org, safe='')}/{quote(repo, safe='')}"
+
+
+def _json_list(text: str, status: int) -> list[dict[str, Any]]:
+    try:
+        items = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise Retryable("Vela's list is not JSON", status_code=status) from None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
 class VelaClient:
     """Talks to one Vela server; ``send`` and ``find_build`` raise ForwardError subclasses."""
 
@@ -148,6 +165,31 @@ class VelaClient:
         )
         return classify(status, text, retry_after)
 
+    async def deployment_exists(self, org: str, repo: str, number: int) -> bool:
+        """Whether Vela knows GitHub deployment ``number`` (it made it: UI, CLI or API)."""
+        path = f"{_repo_path('deployments', org, repo)}/{number}"
+        status, text, retry_after = await self._request("GET", path)
+        if status == 404:
+            return False
+        classify(status, text, retry_after)  # raises for every other non-2xx
+        return True
+
+    async def find_deployment(
+        self, org: str, repo: str, body: Mapping[str, Any], since: float
+    ) -> Accepted | None:
+        """The deployment an earlier unclear request created: same fields, made since then."""
+        path = _repo_path("deployments", org, repo)
+        status, text, retry_after = await self._request("GET", path)
+        if not 200 <= status < 300:
+            classify(status, text, retry_after)
+        for item in _json_list(text, status):
+            created = item.get("created_at")
+            recent = isinstance(created, int | float) and created >= since - 5
+            if recent and all(item.get(k) == v for k, v in body.items()):
+                number = item.get("number")
+                return Accepted(status, "", number=number if isinstance(number, int) else None)
+        return None
+
     async def find_build(self, org: str, repo: str, body: Mapping[str, Any]) -> Accepted | None:
         """Vela's build for this request, if an earlier unclear attempt created one.
 
@@ -155,19 +197,14 @@ class VelaClient:
         ``source`` and ``ref`` too.
         """
         params = {"commit": str(body.get("commit", "")), "event": str(body.get("event", ""))}
-        path = f"/api/v1/repos/{quote(org, safe='')}/{quote(repo, safe='')}/builds"
-        status, text, retry_after = await self._request("GET", path, params=params)
+        status, text, retry_after = await self._request(
+            "GET", builds_path(org, repo), params=params
+        )
         if status == 404:
             return None
         if not 200 <= status < 300:
             classify(status, text, retry_after)  # raises for every non-2xx
-        try:
-            builds = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raise Retryable("Vela's build list is not JSON", status_code=status) from None
-        for build in builds if isinstance(builds, list) else []:
-            if not isinstance(build, dict):
-                continue
+        for build in _json_list(text, status):
             if all(build.get(k) == body.get(k) for k in ("source", "ref") if k in body):
                 answer = classify(status, orjson.dumps(build).decode())
                 if isinstance(answer, Accepted):

@@ -32,7 +32,11 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class VelaRequest:
-    """One request to Vela: where it goes, its JSON body and its ordering lane."""
+    """One request to Vela: where it goes, its JSON body and its ordering lane.
+
+    A deployment-API request also carries ``fallback``, the build body to send
+    instead when the deployment turns out to be Vela's own (mapping.md, deployment).
+    """
 
     endpoint: Literal["builds", "deployments"]
     org: str
@@ -40,6 +44,7 @@ class VelaRequest:
     path: str
     body: Mapping[str, Any]
     order_key: str
+    fallback: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ def convert(
             path=f"/api/v1/deployments/{_segment(org)}/{_segment(repo)}",
             body=deployment_api_body(payload),
             order_key=order_key,
+            fallback=draft.body,
         )
     else:
         request = VelaRequest(

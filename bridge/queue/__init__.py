@@ -23,6 +23,7 @@ class NewJob:
     path: str
     body: bytes  # the JSON request body, serialised once at intake
     lane: str  # forwarding order: jobs of one lane go one at a time, oldest first
+    fallback: bytes | None = None  # deployments: the build body if Vela made the deployment
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class ClaimedJob:
     unclear: bool  # an earlier attempt may have reached Vela: look before re-sending
     github_event: str
     action: str
+    fallback: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class Settlement:
     unclear: bool = False
     vela_number: int | None = None
     vela_link: str = ""
+    vela_deployment: int | None = None  # a GitHub deployment Vela made: its echo is a build
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,9 @@ class Queue(Protocol):
 
     async def job_log(self, repo: str, number: int, job: int) -> tuple[JobRecord, list[Attempt]]:
         """A job and its attempts, oldest first; NotFound."""
+
+    async def is_vela_deployment(self, repo: str, number: int) -> bool:
+        """Whether a settled deployment request recorded GitHub deployment ``number``."""
 
     async def payload(self, guid: str) -> bytes | None:
         """The stored GitHub payload (None when unknown or deleted by retention)."""

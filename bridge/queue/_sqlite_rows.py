@@ -22,11 +22,11 @@ def insert_job(
     )
     conn.execute(
         "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, body,"
-        " lane, head, next_attempt_at, enqueued_at)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " fallback, lane, head, next_attempt_at, enqueued_at)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             delivery_id, number, job.endpoint, job.org, job.repo, job.path, job.body,
-            job.lane, int(head), now, now,
+            job.fallback, job.lane, int(head), now, now,
         ),
     )  # fmt: skip
 

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     repo TEXT NOT NULL,
     path TEXT NOT NULL,
     body BLOB,
+    fallback BLOB,
     lane TEXT NOT NULL,
     head INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -92,6 +93,12 @@ CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, id)
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (next_attempt_at)
     WHERE head = 1 AND state IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (id) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS vela_deployments (
+    repo_key TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (repo_key, number)
+);
 CREATE TABLE IF NOT EXISTS reports (
     guid TEXT PRIMARY KEY,
     state TEXT NOT NULL
@@ -116,7 +123,7 @@ CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
 # Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog.
 CLAIM_SQL = (
     "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, j.body, j.attempts,"
-    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id"
+    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, j.fallback"
     " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id"
     " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
     " ORDER BY j.next_attempt_at LIMIT ?"
@@ -198,6 +205,18 @@ class SQLiteQueue:
 
     async def job_log(self, repo: str, number: int, job: int) -> tuple[JobRecord, list[Attempt]]:
         return await self._writer.run(lambda conn: history.job_log(conn, repo, number, job))
+
+    async def is_vela_deployment(self, repo: str, number: int) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "SELECT 1 FROM vela_deployments WHERE repo_key = ? AND number = ?",
+                    (repo.lower(), number),
+                ).fetchone()
+                is not None
+            )
+
+        return await self._writer.run(op)
 
     async def payload(self, guid: str) -> bytes | None:
         def op(conn: sqlite3.Connection) -> bytes | None:
@@ -354,6 +373,7 @@ def _claim(
                 unclear=bool(row[10]),
                 github_event=row[11],
                 action=row[12],
+                fallback=row[14],
             )
         )
     return claimed
@@ -388,6 +408,13 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
             job_id,
         ),
     )
+    if s.vela_deployment is not None:
+        conn.execute(
+            "INSERT INTO vela_deployments (repo_key, number, created_at)"
+            " SELECT lower(org || '/' || repo), ?, ? FROM jobs WHERE id = ?"
+            " ON CONFLICT DO NOTHING",
+            (s.vela_deployment, now, job_id),
+        )
     if a is not None:
         conn.execute(
             "INSERT INTO attempts (job_id, started_at, duration, http_status, error, excerpt)"
@@ -432,4 +459,6 @@ def _purge(conn: sqlite3.Connection, bodies_before: float, rows_before: float) -
     )
     conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({old})", (rows_before,))
     touched += conn.execute("DELETE FROM deliveries WHERE finished_at < ?", (rows_before,)).rowcount
+    # Vela knows its deployments too (GET …/deployments/{id}): the record is a shortcut.
+    conn.execute("DELETE FROM vela_deployments WHERE created_at < ?", (rows_before,))
     return touched

@@ -135,6 +135,7 @@ class FakeVela:
         app.router.add_post("/api/v1/repos/{org}/{repo}/builds", self._create_build)
         app.router.add_get("/api/v1/repos/{org}/{repo}/builds", self._list_builds)
         app.router.add_post("/api/v1/deployments/{org}/{repo}", self._create_deployment)
+        app.router.add_get("/api/v1/deployments/{org}/{repo}", self._list_deployments)
         app.router.add_get("/api/v1/deployments/{org}/{repo}/{id}", self._get_deployment)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
@@ -226,9 +227,37 @@ class FakeVela:
         with self._lock:
             self._next_deployment += 1
             number = self._next_deployment
-            deployment = {**item.body, "id": number, "number": number}
+            deployment = {
+                **item.body,
+                "id": number,
+                "number": number,
+                "created_at": int(time.time()),
+            }
             self.deployments.setdefault(key, {})[number] = deployment
         return await self._answer(request, deployment)
+
+    def made_in_ui(self, repo: str, target: str = "production") -> int:
+        """A deployment created in Vela's UI or CLI: Vela knows its number, the bridge doesn't."""
+        with self._lock:
+            self._next_deployment += 1
+            number = self._next_deployment
+            self.deployments.setdefault(repo, {})[number] = {
+                "id": number,
+                "number": number,
+                "target": target,
+            }
+        return number
+
+    def next_deployment_number(self) -> int:
+        with self._lock:
+            return self._next_deployment + 1
+
+    async def _list_deployments(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        key = f"{request.match_info['org']}/{request.match_info['repo']}"
+        with self._lock:
+            found = list(self.deployments.get(key, {}).values())
+        return web.json_response(found[::-1])
 
     async def _get_deployment(self, request: web.Request) -> web.Response:
         await self._record(request)
