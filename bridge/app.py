@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bridge import github
 from bridge import observability as metrics
 from bridge.config import Config
 from bridge.convert import Policy
@@ -59,12 +60,14 @@ def create_app(config: Config) -> Starlette:
             connections=64,
         )
         await vela.open()
+        talkback = github.start(config.github, state.queue)
         state.forwarder = Forwarder(
             state.queue,
             vela,
             config.retry,
             concurrency=64,
             probe_seconds=config.vela.auth_retry_seconds,
+            on_settled=talkback.on_settled,
         )
         state.intake = Intake(
             state.queue,
@@ -79,6 +82,7 @@ def create_app(config: Config) -> Starlette:
         finally:
             purger.cancel()
             await state.forwarder.stop(SHUTDOWN_GRACE_SECONDS)
+            await talkback.close()
             await vela.close()
             await state.queue.close()
 

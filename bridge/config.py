@@ -426,3 +426,12 @@ def _hooks(g: _Section) -> tuple[GitHubHook, ...]:
         h.finish()
         hooks.append(hook)
     return tuple(hooks)
+
+
+def check(config: Config) -> None:
+    """What parse() cannot see alone: GitHub credentials (key file, key format, key pairs)."""
+    from bridge.github import problems as github_problems  # here: bridge.github imports config
+
+    found = github_problems(config.github)
+    if found:
+        raise ConfigError(found)

@@ -24,8 +24,6 @@ Errors (under :class:`bridge.errors.BridgeError`):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -133,6 +131,8 @@ def start(
     Without ``session`` one is created (and closed by ``close()``). Raises ConfigError
     with the :func:`problems` lines when the credentials cannot work.
     """
+    from bridge.github import sweep  # its counters are on /metrics even while it is off
+
     if not (config.redeliver or config.report_failures):
         return GitHubService()
     found = problems(config)
@@ -144,7 +144,6 @@ def start(
     from bridge.github.api import GitHubClient
     from bridge.github.auth import Auth
     from bridge.github.statuses import StatusReporter
-    from bridge.github.sweep import Sweeper
 
     owned = None
     if session is None:
@@ -155,7 +154,7 @@ def start(
     auth = Auth(config, client)
     sweeper = reporter = None
     if config.redeliver:
-        sweeper = Sweeper(config, queue, client, auth)
+        sweeper = sweep.Sweeper(config, queue, client, auth)
         sweeper.start(first_sweep_delay)
     if config.report_failures:
         reporter = StatusReporter(queue, client, auth)
@@ -167,12 +166,3 @@ def start(
         extra={"mode": auth.mode},
     )
     return GitHubService(sweeper, reporter, owned)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` and wait until it has ended."""
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

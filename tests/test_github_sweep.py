@@ -1,0 +1,426 @@
+"""The catch-up sweep against the fake GitHub and a real SQLite queue."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+
+from bridge.config import GitHubConfig, GitHubHook, Secret
+from bridge.github.api import DeliveryAttempt, GitHubClient
+from bridge.github.auth import Auth
+from bridge.github.sweep import LEASE_NAME, Sweeper, failed
+from bridge.queue import NewDelivery, Queue, open_queue
+from tests.fakes.github import (
+    TOKEN,
+    Failure,
+    FakeGitHub,
+    app_config,
+    app_key,
+    org_hook,
+    repo_hook,
+)
+from tests.fakes.vela import _free_port
+
+T = TypeVar("T")
+HOUR = 3600.0
+
+
+@pytest.fixture(scope="module")
+def fake_github() -> Iterator[FakeGitHub]:
+    server = FakeGitHub(public_key=app_key()[1]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def github(fake_github: FakeGitHub) -> FakeGitHub:
+    fake_github.reset()
+    return fake_github
+
+
+@asynccontextmanager
+async def opened(tmp_path: Path) -> AsyncIterator[Queue]:
+    queue = await open_queue(f"sqlite:///{tmp_path / 'q.db'}", lease_seconds=60, retention_days=14)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def sweeping(
+    tmp_path: Path,
+    config: GitHubConfig,
+    main: Callable[[Callable[..., Sweeper], Queue], Awaitable[T]],
+) -> T:
+    """Run ``main(make_sweeper, queue)`` with a real queue and an aiohttp session."""
+
+    async def go() -> T:
+        async with opened(tmp_path) as queue, aiohttp.ClientSession() as session:
+            client = GitHubClient(session, config.api_url)
+            auth = Auth(config, client)
+
+            def make(**options: Any) -> Sweeper:
+                return Sweeper(config, queue, client, auth, **options)
+
+            return await main(make, queue)
+
+    return asyncio.run(go())
+
+
+async def store(queue: Queue, guid: str) -> None:
+    """What the bridge does with a delivery it received: store it under its GUID."""
+    await queue.add(
+        NewDelivery(
+            guid=guid,
+            github_event="push",
+            action="",
+            repo="octo-org/web.app",
+            event="push",
+            summary={},
+            payload=b"{}",
+            skip="stored for the test",
+            jobs=(),
+            received_at=time.time(),
+        )
+    )
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+PUSH = {"ref": "refs/heads/main", "repository": {"name": "web.app"}}
+
+
+def test_sweep_asks_once_for_each_guid_never_answered_and_not_stored(
+    github: FakeGitHub, tmp_path: Path
+) -> None:
+    add = github.add_delivery
+    lost = add(PUSH, status_code=0, age=5 * HOUR)  # the bridge was down
+    twice = add(PUSH, status_code=502, age=4 * HOUR)  # a proxy answered, then nothing
+    twice_again = add(PUSH, status_code=0, guid=twice.guid, age=3 * HOUR, redelivery=True)
+    late = add(PUSH, status_code=503, age=3 * HOUR).guid  # stored, but answered too late
+    answered_later = add(PUSH, status_code=0, age=2 * HOUR)
+    add(PUSH, status_code=202, guid=answered_later.guid, age=HOUR, redelivery=True)
+    add(PUSH, status_code=401, age=HOUR)  # bad signature: on purpose
+    add(PUSH, status_code=413, age=HOUR)  # too large: on purpose
+    add(PUSH, status_code=400, age=HOUR)  # unreadable: on purpose
+    add({"zen": "hi"}, status_code=0, event="ping", age=HOUR)  # pings are never stored
+    add(PUSH, status_code=0, age=80 * HOUR)  # beyond the lookback
+    for _ in range(250):  # three pages of answered deliveries on top
+        add(PUSH, status_code=202, age=60)
+    before = counter("vela_bridge_github_redeliveries_requested_total")
+    ok_before = counter("vela_bridge_github_sweeps_total", result="ok")
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        await store(queue, late)
+        sweeper = make()
+        return [await sweeper.sweep(), await sweeper.sweep()]
+
+    first, second = sweeping(tmp_path, app_config(github, redeliver=True), main)
+
+    assert first.result == "ok"
+    assert first.requested == (lost.guid, twice.guid)  # oldest first
+    assert github.redeliveries == [("app", lost.id, lost.guid), ("app", twice_again.id, twice.guid)]
+    assert second.result == "ok" and second.requested == ()
+    assert github.redelivered() == [lost.guid, twice.guid]
+    assert counter("vela_bridge_github_redeliveries_requested_total") == before + 2
+    assert counter("vela_bridge_github_sweeps_total", result="ok") == ok_before + 2
+    listed = [r for r in github.requests if r.path == "/app/hook/deliveries"]
+    assert sum("cursor" in r.query for r in listed) >= 4  # paged, twice
+    assert all(r.headers["Authorization"].lower().startswith("bearer ") for r in listed)
+    assert github.rejected == []  # every JWT checked out
+
+
+def test_guids_still_failing_are_asked_again_until_the_bridge_stores_them(
+    github: FakeGitHub, tmp_path: Path
+) -> None:
+    github.redelivery_status = 503  # the redelivery fails too: the bridge is still unwell
+    first = github.add_delivery(PUSH, status_code=0)
+    second = github.add_delivery(PUSH, status_code=0)
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[tuple[str, ...]]:
+        sweeper = make()
+        asked = [(await sweeper.sweep()).requested]
+        await store(queue, first.guid)
+        asked.append((await sweeper.sweep()).requested)
+        await store(queue, second.guid)
+        asked.append((await sweeper.sweep()).requested)
+        return asked
+
+    asked = sweeping(tmp_path, app_config(github, redeliver=True), main)
+    assert asked == [(first.guid, second.guid), (second.guid,), ()]
+
+
+def test_the_bound_holds_and_the_rest_waits_for_the_next_sweep(
+    github: FakeGitHub, tmp_path: Path
+) -> None:
+    lost = [github.add_delivery(PUSH, status_code=0, age=100 - i).guid for i in range(7)]
+    config = app_config(github, redeliver=True, redeliver_max_per_sweep=3)
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        sweeper = make()
+        return [await sweeper.sweep() for _ in range(4)]
+
+    reports = sweeping(tmp_path, config, main)
+    assert [r.requested for r in reports] == [
+        tuple(lost[0:3]),
+        tuple(lost[3:6]),
+        tuple(lost[6:7]),
+        (),
+    ]
+    assert [r.left for r in reports] == [4, 1, 0, 0]
+    assert github.redelivered() == lost
+
+
+def _primary(seconds: int) -> Failure:
+    """GitHub's primary rate limit: nothing remaining until X-RateLimit-Reset."""
+    return Failure(
+        403,
+        {
+            "X-RateLimit-Limit": "5000",
+            "X-RateLimit-Remaining": "0",
+            "X-RateLimit-Reset": str(int(time.time()) + seconds),
+        },
+        {"message": "API rate limit exceeded for installation ID 1."},
+        path="/deliveries",
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "delay"),
+    [
+        (lambda: Failure(429, {"Retry-After": "120"}, path="/deliveries"), 120),
+        (lambda: _primary(900), 900),
+        (
+            lambda: Failure(
+                403,
+                body={"message": "You have exceeded a secondary rate limit."},
+                path="/deliveries",
+            ),
+            60,
+        ),
+    ],
+    ids=["429-retry-after", "403-primary", "403-secondary"],
+)
+def test_rate_limits_delay_the_next_sweep_without_crashing(
+    github: FakeGitHub, tmp_path: Path, failure: Callable[[], Failure], delay: float
+) -> None:
+    lost = github.add_delivery(PUSH, status_code=0)
+    github.fail_next(failure())
+    limited = counter("vela_bridge_github_sweeps_total", result="rate_limited")
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        sweeper = make()
+        return [await sweeper.sweep(), await sweeper.sweep()]
+
+    config = app_config(github, redeliver=True, redeliver_interval_seconds=10)
+    first, second = sweeping(tmp_path, config, main)
+    assert first.result == "rate_limited" and first.requested == ()
+    assert first.next_in == pytest.approx(delay, abs=3)
+    assert second.result == "ok" and second.requested == (lost.guid,)
+    assert counter("vela_bridge_github_sweeps_total", result="rate_limited") == limited + 1
+
+
+def test_a_rate_limit_on_a_redelivery_stops_the_sweep_and_keeps_the_rest(
+    github: FakeGitHub, tmp_path: Path
+) -> None:
+    lost = [github.add_delivery(PUSH, status_code=0, age=100 - i).guid for i in range(3)]
+    github.fail_next(Failure(429, {"Retry-After": "30"}, path="/attempts"))
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        sweeper = make()
+        return [await sweeper.sweep(), await sweeper.sweep()]
+
+    first, second = sweeping(tmp_path, app_config(github, redeliver=True), main)
+    assert (first.result, first.requested) == ("rate_limited", ())
+    assert first.next_in == 300  # the interval is longer than GitHub's wait
+    assert second.requested == tuple(lost)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Failure(500, path="/deliveries"),
+        Failure(403, body={"message": "Resource not accessible by integration"}, path="/"),
+    ],
+    ids=["500", "403-permission"],
+)
+def test_github_errors_end_the_sweep_and_the_next_one_tries_again(
+    github: FakeGitHub, tmp_path: Path, failure: Failure
+) -> None:
+    lost = github.add_delivery(PUSH, status_code=0)
+    github.fail_next(failure)
+    errors = counter("vela_bridge_github_sweeps_total", result="error")
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        sweeper = make()
+        return [await sweeper.sweep(), await sweeper.sweep()]
+
+    config = app_config(github, redeliver=True, redeliver_interval_seconds=7)
+    first, second = sweeping(tmp_path, config, main)
+    assert (first.result, first.requested, first.next_in) == ("error", (), 7)
+    assert second.requested == (lost.guid,)
+    assert counter("vela_bridge_github_sweeps_total", result="error") >= errors + 1
+
+
+def test_an_unreachable_github_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    config = GitHubConfig(
+        webhook_secrets=(Secret("s"),),
+        api_url=dead,
+        app_id=1,
+        private_key=Secret(app_key()[0]),
+        redeliver=True,
+    )
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:
+        return await make().sweep()
+
+    assert sweeping(tmp_path, config, main).result == "error"
+
+
+def test_a_jwt_from_another_key_is_refused_by_the_fake(github: FakeGitHub, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = other.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    github.add_delivery(PUSH, status_code=0)
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:
+        return await make().sweep()
+
+    config = app_config(github, redeliver=True, private_key=Secret(pem))
+    assert sweeping(tmp_path, config, main).result == "error"
+    assert github.redelivered() == []
+    assert len(github.rejected) == 1 and "could not be decoded" in github.rejected[0]
+
+
+def test_only_one_replica_sweeps_at_a_time(github: FakeGitHub, tmp_path: Path) -> None:
+    lost = github.add_delivery(PUSH, status_code=0)
+    github.redelivery_status = 503
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        a, b = make(holder="replica-a"), make(holder="replica-b")
+        reports = [await a.sweep(), await b.sweep(), await a.sweep()]
+        await a.stop()  # hands the lease on
+        reports.append(await b.sweep())
+        leads = await queue.try_lead(LEASE_NAME, "replica-a", 60, time.time())
+        return [*reports, leads]
+
+    a1, b1, a2, b2, a_again = sweeping(tmp_path, app_config(github, redeliver=True), main)
+    assert [r.result for r in (a1, b1, a2, b2)] == ["ok", "standby", "ok", "ok"]
+    assert b1.requested == ()
+    assert github.redelivered() == [lost.guid] * 3
+    assert a_again is False  # b holds it now
+
+
+def test_token_mode_sweeps_repository_and_organization_hooks_on_ghes(tmp_path: Path) -> None:
+    server = FakeGitHub(public_key=app_key()[1], prefix="/api/v3").start()
+    try:
+        repo = server.add_delivery(PUSH, status_code=0, hook=repo_hook("octo-org/web.app", 11))
+        org = server.add_delivery(PUSH, status_code=502, hook=org_hook("octo-org", 12))
+        server.add_delivery(PUSH, status_code=202, hook=repo_hook("octo-org/web.app", 11))
+        config = GitHubConfig(
+            webhook_secrets=(Secret("s"),),
+            api_url=server.url,
+            token=Secret(TOKEN),
+            hooks=(GitHubHook(11, repo="octo-org/web.app"), GitHubHook(12, org="octo-org")),
+            redeliver=True,
+        )
+
+        async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:
+            return await make().sweep()
+
+        report = sweeping(tmp_path, config, main)
+        assert report.requested == (repo.guid, org.guid)
+        assert server.redeliveries == [
+            (repo_hook("octo-org/web.app", 11), repo.id, repo.guid),
+            (org_hook("octo-org", 12), org.id, org.guid),
+        ]
+        assert {r.path for r in server.requests} >= {
+            "/api/v3/repos/octo-org/web.app/hooks/11/deliveries",
+            f"/api/v3/orgs/octo-org/hooks/12/deliveries/{org.id}/attempts",
+        }
+        assert all(r.headers["Authorization"] == f"token {TOKEN}" for r in server.requests)
+        assert server.rejected == []
+    finally:
+        server.stop()
+
+
+def test_the_loop_sweeps_at_start_up_then_periodically_and_stops_cleanly(
+    github: FakeGitHub, tmp_path: Path
+) -> None:
+    github.add_delivery(PUSH, status_code=0)
+    github.redelivery_status = 503
+    config = app_config(github, redeliver=True, redeliver_interval_seconds=0.2)
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> None:
+        sweeper = make()
+        sweeper.start(0)
+        await asyncio.sleep(0.7)
+        await sweeper.stop()
+
+    sweeping(tmp_path, config, main)
+    assert 3 <= len(github.redelivered()) <= 5
+
+
+def test_a_rate_limited_sweep_moves_the_next_one_later(github: FakeGitHub, tmp_path: Path) -> None:
+    github.add_delivery(PUSH, status_code=0)
+    github.fail_next(Failure(429, {"Retry-After": "30"}, path="/deliveries"))
+    config = app_config(github, redeliver=True, redeliver_interval_seconds=0.1)
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> None:
+        sweeper = make()
+        sweeper.start(0)
+        await asyncio.sleep(0.6)
+        await sweeper.stop()
+
+    sweeping(tmp_path, config, main)
+    listings = [r for r in github.requests if r.path == "/app/hook/deliveries"]
+    assert len(listings) == 1  # the 429; nothing more for 30 s
+    assert github.redelivered() == []
+
+
+@pytest.mark.parametrize(
+    ("codes", "asked"),
+    [
+        ([0], True),
+        ([500, 0, 503], True),
+        ([0, 200], False),
+        ([0, 202], False),
+        ([401], False),
+        ([0, 413], False),
+        ([302], False),
+    ],
+)
+def test_failed_is_every_attempt_unanswered_or_5xx(codes: list[int], asked: bool) -> None:
+    attempts = [
+        DeliveryAttempt(i, "g", code, float(i), i > 0, "push") for i, code in enumerate(codes)
+    ]
+    found = failed(attempts)
+    assert bool(found) is asked
+    if asked:
+        assert found == [attempts[-1]]  # the newest attempt is the one redelivered
+
+
+def test_failed_orders_oldest_guid_first_and_ignores_pings() -> None:
+    attempt = DeliveryAttempt(1, "a", 0, 100.0, False, "push")
+    newer = dataclasses.replace(attempt, id=2, guid="b", delivered_at=50.0)
+    again = dataclasses.replace(attempt, id=3, delivered_at=200.0, redelivery=True)
+    ping = dataclasses.replace(attempt, id=4, guid="p", delivered_at=10.0, event="ping")
+    assert failed([again, newer, attempt, ping]) == [newer, again]
