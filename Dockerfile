@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
-RUN pip install . \
+RUN pip install ".[postgres]" \
     && useradd --system --uid 10001 --home-dir /var/lib/vela-bridge --create-home bridge \
     && rm -rf /src
 

@@ -243,13 +243,10 @@ class _Section:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password of its userinfo (postgresql://user:pw@host) masked."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+    """``url`` with any password in it (``user:pw@`` or ``?password=``) masked."""
+    from bridge.queue._postgres_url import masked  # no driver import: safe for SQLite users
+
+    return masked(url)
 
 
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:

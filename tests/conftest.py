@@ -55,3 +55,7 @@ def shared_bridge(
     bridge = Bridge(tmp_path_factory.mktemp("bridge"), fake_vela.url).start()
     yield bridge
     bridge.stop()
+
+
+# -- PostgreSQL (issue 6): a server or a throwaway cluster, and a database per test ----------
+from tests.pg import pg_url, postgres_server  # noqa: E402, F401

@@ -1,8 +1,12 @@
-"""The SQLite queue on a real file: dedupe, numbering, lanes, claims, group commit, retention."""
+"""Both queues, SQLite on a real file and PostgreSQL on a real server, against one contract:
+dedupe, numbering, lanes, claims, group commit, retention; then what each does its own way
+(SQLite: one process owns the file; PostgreSQL: replicas share it, leases expire)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -11,8 +15,17 @@ from typing import Any, TypeVar
 
 import pytest
 
-from bridge.errors import QueueLocked
-from bridge.queue import Added, Attempt, NewDelivery, NewJob, Settlement
+from bridge.errors import Conflict, NotFound, QueueLocked, QueueUnavailable
+from bridge.queue import (
+    Added,
+    Attempt,
+    NewDelivery,
+    NewJob,
+    Page,
+    Queue,
+    Settlement,
+    open_queue,
+)
 from bridge.queue.sqlite import CLAIM_SQL, SQLiteQueue
 from bridge.states import IllegalTransition, JobState
 
@@ -20,21 +33,38 @@ T = TypeVar("T")
 DAY = 86_400.0
 
 
-def run(make: Callable[[SQLiteQueue], Awaitable[T]], path: Path, **options: Any) -> T:
-    """Open the queue at ``path``, run ``make(queue)``, close it."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The queue URL, once for each implementation (PostgreSQL: a database of its own)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'q.db'}"
+    pg: str = request.getfixturevalue("pg_url")
+    return pg
+
+
+async def opened(url: str, **options: Any) -> Queue:
+    return await open_queue(
+        url, lease_seconds=options.get("lease", 60), retention_days=options.get("days", 14)
+    )
+
+
+def run(make: Callable[[Any], Awaitable[T]], url: str, **options: Any) -> T:
+    """Open the queue at ``url``, run ``make(queue)``, close it."""
 
     async def main() -> T:
-        queue = await SQLiteQueue.open(
-            str(path),
-            lease_seconds=options.get("lease", 60),
-            retention_days=options.get("days", 14),
-        )
+        queue = await opened(url, **options)
         try:
             return await make(queue)
         finally:
             await queue.close()
 
     return asyncio.run(main())
+
+
+def commits(queue: Any) -> int:
+    """Transactions committed for adds (SQLite: all writes)."""
+    writer = queue._writer if isinstance(queue, SQLiteQueue) else queue._adds
+    return int(writer.commits)
 
 
 def delivery(
@@ -61,44 +91,44 @@ def success(now: float) -> Settlement:
     return Settlement(JobState.SUCCESS, Attempt(now, 0.01, 201, "", "{}"), vela_number=1)
 
 
-def test_add_dedupes_on_guid_within_and_across_batches(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> list[Added]:
+def test_add_dedupes_on_guid_within_and_across_batches(url: str) -> None:
+    async def main(q: Queue) -> list[Added]:
         together = await asyncio.gather(*(q.add(delivery("same")) for _ in range(5)))
         later = await q.add(delivery("same"))
         return [*together, later]
 
-    results = run(main, tmp_path / "q.db")
+    results = run(main, url)
     assert results.count(Added.QUEUED) == 1
     assert results.count(Added.DUPLICATE) == 5
 
 
-def test_skipped_delivery_is_stored_without_jobs(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> tuple[Added, Any]:
+def test_skipped_delivery_is_stored_without_jobs(url: str) -> None:
+    async def main(q: Queue) -> tuple[Added, Any]:
         return await q.add(delivery("s", jobs=0)), await q.delivery("s")
 
-    added, stored = run(main, tmp_path / "q.db")
+    added, stored = run(main, url)
     assert added is Added.SKIPPED
     assert stored.status == "skipped" and stored.error == "not forwarded"
     assert stored.jobs == () and stored.finished_at is not None
 
 
-def test_numbers_are_per_repository_case_insensitive_and_survive_reopening(tmp_path: Path) -> None:
-    async def first(q: SQLiteQueue) -> None:
+def test_numbers_are_per_repository_case_insensitive_and_survive_reopening(url: str) -> None:
+    async def first(q: Queue) -> None:
         await q.add(delivery("a1", repo="Octo/App"))
         await q.add(delivery("b1", repo="other/repo"))
         await q.add(delivery("a2", repo="octo/app"))
         await q.add(delivery("a2", repo="octo/app"))  # a duplicate takes no number
 
-    async def second(q: SQLiteQueue) -> list[int]:
+    async def second(q: Queue) -> list[int]:
         await q.add(delivery("a3", repo="OCTO/APP"))
         return [(await q.delivery(g)).number for g in ("a1", "a2", "a3", "b1")]
 
-    run(first, tmp_path / "q.db")
-    assert run(second, tmp_path / "q.db") == [1, 2, 3, 1]
+    run(first, url)
+    assert run(second, url) == [1, 2, 3, 1]
 
 
-def test_a_lane_forwards_one_job_at_a_time_in_order(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> list[list[str]]:
+def test_a_lane_forwards_one_job_at_a_time_in_order(url: str) -> None:
+    async def main(q: Queue) -> list[list[str]]:
         for guid in ("first", "second", "third"):
             await q.add(delivery(guid, lane="main"))
         await q.add(delivery("elsewhere", lane="dev"))
@@ -111,11 +141,11 @@ def test_a_lane_forwards_one_job_at_a_time_in_order(tmp_path: Path) -> None:
                 await q.settle(job.id, success(now), now)
         return rounds
 
-    assert run(main, tmp_path / "q.db") == [["elsewhere", "first"], ["second"], ["third"], []]
+    assert run(main, url) == [["elsewhere", "first"], ["second"], ["third"], []]
 
 
-def test_a_retrying_head_holds_its_lane_until_due(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> tuple[list[str], list[str], float | None]:
+def test_a_retrying_head_holds_its_lane_until_due(url: str) -> None:
+    async def main(q: Queue) -> tuple[list[str], list[str], float | None]:
         await q.add(delivery("first"))
         await q.add(delivery("second"))
         now = time.time()
@@ -129,41 +159,14 @@ def test_a_retrying_head_holds_its_lane_until_due(tmp_path: Path) -> None:
         later = [j.guid for j in await q.claim(10, now + 31)]
         return blocked, later, due
 
-    blocked, later, due = run(main, tmp_path / "q.db")
+    blocked, later, due = run(main, url)
     assert blocked == []
     assert later == ["first"]
     assert due is not None and due > time.time() + 20
 
 
-def test_claims_of_a_dead_process_are_released_on_open(tmp_path: Path) -> None:
-    path = tmp_path / "q.db"
-
-    async def crash(q: SQLiteQueue) -> None:
-        await q.add(delivery("g"))
-        assert len(await q.claim(10, time.time())) == 1  # then "dies" holding the claim
-
-    async def reopen(q: SQLiteQueue) -> Any:
-        stored = await q.delivery("g")
-        claimed = await q.claim(10, time.time())
-        return stored, claimed
-
-    run(crash, path)
-    stored, claimed = run(reopen, path)
-    assert stored.jobs[0].state == "retrying"
-    assert stored.jobs[0].unclear
-    assert [job.unclear for job in claimed] == [True]
-
-
-def test_a_second_queue_on_the_same_file_is_refused(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> None:
-        with pytest.raises(QueueLocked):
-            await SQLiteQueue.open(str(tmp_path / "q.db"), lease_seconds=60, retention_days=14)
-
-    run(main, tmp_path / "q.db")
-
-
-def test_settling_twice_is_an_illegal_transition(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> None:
+def test_settling_twice_is_an_illegal_transition(url: str) -> None:
+    async def main(q: Queue) -> None:
         await q.add(delivery("g"))
         now = time.time()
         (job,) = await q.claim(1, now)
@@ -171,33 +174,24 @@ def test_settling_twice_is_an_illegal_transition(tmp_path: Path) -> None:
         with pytest.raises(IllegalTransition):
             await q.settle(job.id, success(now), now)
 
-    run(main, tmp_path / "q.db")
+    run(main, url)
 
 
-def test_concurrent_adds_share_commits(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> tuple[int, int]:
-        before = q._writer.commits
+def test_concurrent_adds_share_commits(url: str) -> None:
+    async def main(q: Queue) -> tuple[int, int]:
+        before = commits(q)
         results = await asyncio.gather(*(q.add(delivery(f"g{i}")) for i in range(300)))
         assert results == [Added.QUEUED] * 300
-        return q._writer.commits - before, len(results)
+        return commits(q) - before, len(results)
 
-    commits, adds = run(main, tmp_path / "q.db")
-    assert commits < adds / 5, f"{commits} commits for {adds} concurrent deliveries"
-
-
-def test_claim_reads_an_index_not_the_backlog(tmp_path: Path) -> None:
-    run(lambda q: q.ping(), tmp_path / "q.db")
-    conn = sqlite3.connect(tmp_path / "q.db")
-    plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + CLAIM_SQL, (0, 1)))
-    conn.close()
-    assert "USING INDEX jobs_ready" in plan
-    assert "SCAN j" not in plan and "SCAN jobs" not in plan, plan
+    made, adds = run(main, url)
+    assert made < adds / 5, f"{made} commits for {adds} concurrent deliveries"
 
 
-def test_retention_drops_bodies_then_rows_keeping_guids_a_week(tmp_path: Path) -> None:
+def test_retention_drops_bodies_then_rows_keeping_guids_a_week(url: str) -> None:
     now = time.time()
 
-    async def main(q: SQLiteQueue) -> list[Any]:
+    async def main(q: Queue) -> list[Any]:
         await q.add(delivery("old", jobs=0, at=now - 3 * DAY))
         await q.add(delivery("ancient", jobs=0, at=now - 8 * DAY))
         await q.add(delivery("fresh", jobs=0, at=now))
@@ -211,7 +205,7 @@ def test_retention_drops_bodies_then_rows_keeping_guids_a_week(tmp_path: Path) -
             await q.add(delivery("old", jobs=0)),
         ]
 
-    old, ancient, fresh, active, again = run(main, tmp_path / "q.db", days=1)
+    old, ancient, fresh, active, again = run(main, url, days=1)
     assert old is not None and not old.has_payload
     assert ancient is None
     assert fresh.has_payload
@@ -219,8 +213,8 @@ def test_retention_drops_bodies_then_rows_keeping_guids_a_week(tmp_path: Path) -
     assert again is Added.DUPLICATE
 
 
-def test_report_state_says_once_per_change(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> list[bool]:
+def test_report_state_says_once_per_change(url: str) -> None:
+    async def main(q: Queue) -> list[bool]:
         return [
             await q.report_state("g", "error"),
             await q.report_state("g", "error"),
@@ -228,11 +222,11 @@ def test_report_state_says_once_per_change(tmp_path: Path) -> None:
             await q.report_state("other", "error"),
         ]
 
-    assert run(main, tmp_path / "q.db") == [True, False, True, True]
+    assert run(main, url) == [True, False, True, True]
 
 
-def test_one_holder_leads_until_its_lease_expires(tmp_path: Path) -> None:
-    async def main(q: SQLiteQueue) -> list[bool]:
+def test_one_holder_leads_until_its_lease_expires(url: str) -> None:
+    async def main(q: Queue) -> list[bool]:
         now = time.time()
         return [
             await q.try_lead("sweep", "a", 60, now),
@@ -242,4 +236,405 @@ def test_one_holder_leads_until_its_lease_expires(tmp_path: Path) -> None:
             await q.try_lead("sweep", "a", 60, now + 64),
         ]
 
-    assert run(main, tmp_path / "q.db") == [True, False, True, True, False]
+    assert run(main, url) == [True, False, True, True, False]
+
+
+def test_restart_and_cancel_follow_the_rules(url: str) -> None:
+    def failure(now: float) -> Settlement:
+        return Settlement(JobState.FAILURE, Attempt(now, 0.1, 422, "bad", "no"), error="bad")
+
+    async def main(q: Queue) -> None:
+        await q.add(delivery("one"))
+        await q.add(delivery("two"))  # the same lane, behind "one"
+        now = time.time()
+        two = await q.cancel("octo/app", 2, 1, now)  # pending behind the head
+        assert two.status == "killed" and two.jobs[0].state == "killed"
+        assert two.error == "cancelled by an operator" and two.finished_at is not None
+        with pytest.raises(Conflict):
+            await q.cancel("Octo/App", 2, 1, now)  # already finished
+        (job,) = await q.claim(10, now)
+        assert job.guid == "one"
+        with pytest.raises(Conflict):
+            await q.restart("Octo/App", 1, lambda e, p: "unused", now)  # in flight
+        with pytest.raises(Conflict):
+            await q.cancel("Octo/App", 1, 1, now)  # in flight
+        await q.settle(job.id, failure(now), now)
+        failed = await q.build("OCTO/app", 1)
+        assert failed.status == "failure" and failed.error == "bad"
+        assert failed.jobs[0].exit_code == 422
+        again = await q.restart("Octo/App", 1, lambda e, p: "unused", now + 1)
+        assert again.status == "pending" and again.error == ""
+        assert again.jobs[0].attempts == 0 and again.finished_at is None
+        (retried,) = await q.claim(10, now + 1)
+        assert (retried.id, retried.attempts, retried.unclear) == (job.id, 0, False)
+        await q.settle(retried.id, success(now + 2), now + 2)
+        restarted_two = await q.restart("Octo/App", 2, lambda e, p: "unused", now + 3)
+        assert restarted_two.status == "pending"
+        assert [j.guid for j in await q.claim(10, now + 3)] == ["two"]
+        log_job, attempts = await q.job_log("Octo/App", 1, 1)
+        assert log_job.state == "success"
+        assert [a.http_status for a in attempts] == [422, 201]
+        for missing in (
+            q.build("Octo/App", 99),
+            q.cancel("Octo/App", 1, 5, now),
+            q.job_log("Octo/App", 1, 5),
+            q.restart("nobody/here", 1, lambda e, p: "unused", now),
+        ):
+            with pytest.raises(NotFound):
+                await missing
+
+    run(main, url)
+
+
+def test_restart_of_a_skipped_delivery_converts_it_again(url: str) -> None:
+    body = b'{"event": "push"}'
+    converted = (NewJob("builds", "Octo", "App", "/api/v1/repos/Octo/App/builds", body, "main"),)
+
+    async def main(q: Queue) -> None:
+        await q.add(
+            NewDelivery(
+                guid="s", github_event="push", action="", repo="Octo/App", event="",
+                summary={}, payload=b"{}", skip="not forwarded", jobs=(), received_at=time.time(),
+            )
+        )  # fmt: skip
+        now = time.time()
+        with pytest.raises(Conflict):
+            await q.restart("Octo/App", 1, lambda e, p: "still not", now)
+        seen: list[tuple[str, bytes]] = []
+
+        def reconvert(event: str, payload: bytes) -> tuple[NewJob, ...]:
+            seen.append((event, payload))
+            return converted
+
+        restarted = await q.restart("Octo/App", 1, reconvert, now)
+        assert seen == [("push", b"{}")]
+        assert restarted.status == "pending" and restarted.event == "push"
+        assert [j.number for j in restarted.jobs] == [1]
+        (job,) = await q.claim(10, now)
+        assert (job.guid, job.body) == ("s", b'{"event": "push"}')
+
+    run(main, url)
+
+
+def test_listings_page_and_filter_newest_first(url: str) -> None:
+    async def main(q: Queue) -> None:
+        for i in range(7):
+            await q.add(delivery(f"g{i}", lane=f"lane{i}", jobs=0 if i % 3 == 0 else 1))
+        await q.add(delivery("elsewhere", repo="other/repo"))
+        first = await q.builds("octo/app", None, Page(1, 3))
+        second = await q.builds("octo/app", None, Page(2, 3))
+        assert [d.number for d in first + second] == [7, 6, 5, 4, 3, 2]
+        skipped = await q.builds("Octo/App", "skipped", Page())
+        assert [d.guid for d in skipped] == ["g6", "g3", "g0"]
+        with pytest.raises(NotFound):
+            await q.builds("nobody/here", None, Page())
+        everything = await q.deliveries(None, None, None, Page(1, 100))
+        assert [d.guid for d in everything][:2] == ["elsewhere", "g6"]
+        assert len(everything) == 8
+        assert [d.guid for d in await q.deliveries("g4", None, None, Page())] == ["g4"]
+        assert await q.deliveries(None, "pending", "pull_request", Page()) == []
+        assert await q.delivery("nobody") is None
+
+    run(main, url)
+
+
+def test_payloads_stats_and_vela_deployments(url: str) -> None:
+    async def main(q: Queue) -> None:
+        start = time.time()
+        await q.add(delivery("g", at=start - 10))
+        await q.add(delivery("h", at=start - 5))
+        assert await q.payload("g") == b'{"ref": "refs/heads/main"}'
+        assert await q.payload("nobody") is None
+        count, age = await q.stats(start)
+        assert count == 2 and 9 < age < 11
+        (job,) = await q.claim(10, start)
+        done = Settlement(JobState.SUCCESS, Attempt(start, 0.1, 201, "", "{}"), vela_deployment=41)
+        await q.settle(job.id, done, start)
+        assert await q.is_vela_deployment("octo/app", 41)
+        assert not await q.is_vela_deployment("Octo/App", 42)
+        assert (await q.stats(start))[0] == 1
+
+    run(main, url)
+
+
+def test_any_text_a_payload_carries_is_stored(url: str) -> None:
+    """A NUL (a valid JSON escape; PostgreSQL text cannot hold it) must not make a 503."""
+
+    async def main(q: Queue) -> None:
+        odd = dataclasses.replace(delivery("g", lane="refs/heads/a\x00b"), action="x\x00")
+        assert await q.add(odd) is Added.QUEUED
+        assert await q.add(delivery("h", lane="refs/heads/a\x00b")) is Added.QUEUED
+        stored = await q.delivery("g")
+        assert stored is not None and stored.action.startswith("x")
+        assert [j.guid for j in await q.claim(10, time.time())] == ["g"]  # h waits: same lane
+
+    run(main, url)
+
+
+# -- SQLite only: one process owns the file --------------------------------------------------
+
+
+def test_claims_of_a_dead_process_are_released_on_open(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+
+    async def crash(q: Queue) -> None:
+        await q.add(delivery("g"))
+        assert len(await q.claim(10, time.time())) == 1  # then "dies" holding the claim
+
+    async def reopen(q: Queue) -> Any:
+        stored = await q.delivery("g")
+        claimed = await q.claim(10, time.time())
+        return stored, claimed
+
+    run(crash, url)
+    stored, claimed = run(reopen, url)
+    assert stored.jobs[0].state == "retrying"
+    assert stored.jobs[0].unclear
+    assert [job.unclear for job in claimed] == [True]
+
+
+def test_a_second_queue_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    async def main(q: Queue) -> None:
+        with pytest.raises(QueueLocked):
+            await SQLiteQueue.open(str(tmp_path / "q.db"), lease_seconds=60, retention_days=14)
+
+    run(main, f"sqlite:///{tmp_path / 'q.db'}")
+
+
+def test_claim_reads_an_index_not_the_backlog(tmp_path: Path) -> None:
+    run(lambda q: q.ping(), f"sqlite:///{tmp_path / 'q.db'}")
+    conn = sqlite3.connect(tmp_path / "q.db")
+    plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + CLAIM_SQL, (0, 1)))
+    conn.close()
+    assert "USING INDEX jobs_ready" in plan
+    assert "SCAN j" not in plan and "SCAN jobs" not in plan, plan
+
+
+# -- PostgreSQL only: replicas share the database, claims are leases ---------------------------
+
+
+def test_postgres_retakes_a_dead_replicas_claim_once_its_lease_expires(pg_url: str) -> None:
+    async def main() -> None:
+        a = await opened(pg_url, lease=5)
+        await a.add(delivery("g"))
+        await a.add(delivery("behind"))  # the same lane: waits while "g" is claimed
+        now = time.time()
+        (job,) = await a.claim(10, now)
+        assert not job.unclear
+        # Another replica starts while "a" holds the claim: nothing is released.
+        b = await opened(pg_url, lease=5)
+        try:
+            stored = await b.delivery("g")
+            assert stored is not None and stored.jobs[0].state == "running"
+            assert await b.claim(10, now + 1) == []  # the lease still holds
+            (again,) = await b.claim(10, now + 6)  # "a" is presumed dead
+            assert (again.id, again.guid, again.unclear) == (job.id, "g", True)
+            # "a" was only slow: its late outcome must not overwrite b's claim.
+            await a.settle(job.id, success(now + 7), now + 7)
+            stored = await b.delivery("g")
+            assert stored is not None and stored.jobs[0].state == "running"
+            await b.settle(again.id, success(now + 8), now + 8)
+            stored = await b.delivery("g")
+            assert stored is not None and stored.status == "success"
+            assert [j.guid for j in await a.claim(10, now + 9)] == ["behind"]
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_postgres_replicas_dedupe_and_number_as_one(pg_url: str) -> None:
+    async def main() -> tuple[list[Added], list[int]]:
+        a, b = await asyncio.gather(opened(pg_url), opened(pg_url))  # migrations race too
+        try:
+            guids = [f"g{i}" for i in range(100)]
+            # Every GUID reaches both replicas at once (GitHub redelivering to the other).
+            results = await asyncio.gather(
+                *(q.add(delivery(g, repo=random.choice(["Octo/App", "octo/APP"])))
+                  for g in guids for q in (a, b))
+            )  # fmt: skip
+            numbers = []
+            for g in guids:
+                stored = await random.choice((a, b)).delivery(g)
+                assert stored is not None and stored.number is not None
+                numbers.append(stored.number)
+            return list(results), numbers
+        finally:
+            await a.close()
+            await b.close()
+
+    results, numbers = asyncio.run(main())
+    assert results.count(Added.QUEUED) == 100
+    assert results.count(Added.DUPLICATE) == 100
+    assert sorted(numbers) == list(range(1, 101))
+
+
+def test_postgres_lanes_hold_across_replicas(pg_url: str) -> None:
+    lanes, per_lane = 8, 6
+
+    async def main() -> dict[str, list[str]]:
+        a, b = await opened(pg_url), await opened(pg_url)
+        try:
+            for i in range(per_lane):
+                await asyncio.gather(
+                    *(random.choice((a, b)).add(delivery(f"l{n}-{i}", lane=f"l{n}"))
+                      for n in range(lanes))
+                )  # fmt: skip
+            order: dict[str, list[str]] = {}
+            running: set[str] = set()
+
+            async def worker(q: Queue) -> None:
+                idle = 0
+                while idle < 20:
+                    claimed = await q.claim(3, time.time())
+                    idle = 0 if claimed else idle + 1
+                    for job in claimed:
+                        lane = job.guid.split("-")[0]
+                        assert lane not in running, f"two jobs of {lane} in flight"
+                        running.add(lane)
+                    await asyncio.sleep(random.uniform(0, 0.005))
+                    for job in claimed:
+                        lane = job.guid.split("-")[0]
+                        running.discard(lane)
+                        order.setdefault(lane, []).append(job.guid)
+                        now = time.time()
+                        await q.settle(job.id, success(now), now)
+                    if not claimed:
+                        await asyncio.sleep(0.005)
+
+            await asyncio.gather(worker(a), worker(b), worker(a), worker(b))
+            return order
+        finally:
+            await a.close()
+            await b.close()
+
+    order = asyncio.run(main())
+    assert order == {f"l{n}": [f"l{n}-{i}" for i in range(per_lane)] for n in range(lanes)}
+
+
+def test_postgres_claim_reads_an_index_not_the_backlog(pg_url: str) -> None:
+    import psycopg
+
+    from bridge.queue.postgres import CLAIM_SQL as PG_CLAIM_SQL
+
+    run(lambda q: q.ping(), pg_url)
+    params = {"now": time.time(), "limit": 64, "lease": time.time() + 60, "token": 1}
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # A long history of finished jobs and a backlog waiting behind a few heads.
+        conn.execute(
+            "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, lane, head,"
+            " next_attempt_at, enqueued_at) SELECT i, 1, CASE WHEN i % 10 = 0 THEN 'pending'"
+            " ELSE 'success' END, 'builds', 'o', 'r', '/p', 'lane' || (i % 50), i % 1000 = 0,"
+            " i, i FROM generate_series(1, 50000) AS i"
+        )
+        conn.execute("ANALYZE jobs")
+
+        def plan() -> str:
+            rows = conn.execute("EXPLAIN " + PG_CLAIM_SQL, params).fetchall()
+            return "\n".join(row[0] for row in rows)
+
+        natural = plan()
+        assert "jobs_ready" in natural, natural
+        assert "Seq Scan on jobs" not in natural, natural
+        conn.execute("SET enable_seqscan = off")
+        forced = plan()
+        assert "jobs_ready" in forced, forced
+
+
+def test_postgres_url_password_is_never_shown(pg_url: str) -> None:
+    dead = f"postgresql://bridge:hunter2@127.0.0.1:{_closed_port()}/queue?connect_timeout=2"
+
+    async def main() -> None:
+        await opened(dead)
+
+    with pytest.raises(QueueUnavailable) as caught:
+        asyncio.run(main())
+    assert "hunter2" not in str(caught.value)
+    assert "bridge:***@127.0.0.1" in str(caught.value)
+
+
+def _closed_port() -> int:
+    from tests.fakes.vela import _free_port
+
+    return _free_port()
+
+
+def test_postgres_invariants_hold_under_concurrent_replicas(pg_url: str) -> None:
+    """Three replicas add, claim, settle, lose leases, restart and cancel at once, for ~2 s."""
+    import psycopg
+
+    from bridge.states import delivery_status
+
+    async def main() -> None:
+        queues = [await opened(pg_url, lease=0.3) for _ in range(3)]
+        stop = time.monotonic() + 2
+
+        def random_delivery() -> NewDelivery:
+            return delivery(
+                f"d{random.randrange(1000)}",
+                repo=random.choice(["a/b", "c/d"]),
+                lane=f"l{random.randrange(12)}",
+                jobs=random.choice([0, 1, 2]),
+            )
+
+        async def producer(q: Queue) -> None:
+            while time.monotonic() < stop:
+                await asyncio.gather(*(q.add(random_delivery()) for _ in range(10)))
+                await asyncio.sleep(0.01)
+
+        async def worker(q: Queue) -> None:
+            while time.monotonic() < stop + 1:
+                now = time.time()
+                jobs = await q.claim(5, now)
+                await asyncio.sleep(random.uniform(0, 0.02))
+                for job in jobs:
+                    if random.random() < 0.05:
+                        continue  # this "replica" dies with the claim: its lease runs out
+                    state = random.choice([JobState.SUCCESS, JobState.RETRYING, JobState.FAILURE])
+                    later = time.time() + 0.05 if state == JobState.RETRYING else 0.0
+                    attempt = Attempt(now, 0.01, 201, "", "")
+                    await q.settle(job.id, Settlement(state, attempt, next_attempt_at=later), now)
+                if not jobs:
+                    await asyncio.sleep(0.01)
+
+        async def operator(q: Queue) -> None:
+            while time.monotonic() < stop:
+                repo, number = random.choice(["a/b", "c/d"]), random.randrange(1, 200)
+                try:
+                    if random.random() < 0.5:
+                        await q.restart(repo, number, lambda e, p: "no", time.time())
+                    else:
+                        await q.cancel(repo, number, 1, time.time())
+                except (Conflict, NotFound):
+                    pass
+                await asyncio.sleep(0.005)
+
+        try:
+            await asyncio.gather(
+                *(producer(q) for q in queues),
+                *(worker(q) for q in queues for _ in range(2)),
+                *(operator(q) for q in queues),
+            )
+        finally:
+            for q in queues:
+                await q.close()
+
+    asyncio.run(main())
+    with psycopg.connect(pg_url) as conn:
+        jobs = conn.execute("SELECT lane, state, head, delivery_id FROM jobs").fetchall()
+        deliveries = conn.execute("SELECT id, status FROM deliveries").fetchall()
+    assert len(jobs) > 100
+    lanes: dict[str, list[tuple[str, bool]]] = {}
+    states: dict[int, list[JobState]] = {}
+    for lane, state, head, delivery_id in jobs:
+        lanes.setdefault(lane, []).append((state, head))
+        states.setdefault(delivery_id, []).append(JobState(state))
+    for lane, found in lanes.items():
+        active = [s for s, _ in found if s in ("pending", "running", "retrying")]
+        heads = [s for s, head in found if head]
+        assert len(heads) == (1 if active else 0), (lane, heads, active)
+        assert heads == [] or heads[0] in active
+        assert [s for s, _ in found].count("running") <= 1, lane
+    for delivery_id, status in deliveries:
+        assert status == delivery_status(states.get(delivery_id, [])), delivery_id

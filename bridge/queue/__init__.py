@@ -224,6 +224,17 @@ def preflight(url: str) -> None:
         from bridge.queue.sqlite import check_free
 
         check_free(_sqlite_path(url))
+    elif _is_postgres(url):
+        try:
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError:
+            from bridge.errors import QueueUnavailable
+
+            raise QueueUnavailable(
+                "queue.url is a PostgreSQL URL, but the PostgreSQL driver is not installed:"
+                " pip install 'vela-bridge[postgres]'"
+            ) from None
 
 
 async def open_queue(url: str, *, lease_seconds: float, retention_days: float) -> Queue:
@@ -235,4 +246,15 @@ async def open_queue(url: str, *, lease_seconds: float, retention_days: float) -
             lease_seconds=lease_seconds,
             retention_days=retention_days,
         )
-    raise NotImplementedError("the PostgreSQL queue is not available in this version")
+    if _is_postgres(url):
+        preflight(url)
+        from bridge.queue.postgres import PostgresQueue
+
+        return await PostgresQueue.open(
+            url, lease_seconds=lease_seconds, retention_days=retention_days
+        )
+    raise NotImplementedError(f"no queue implementation for {url.split(':', 1)[0]}: URLs")
+
+
+def _is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
