@@ -73,7 +73,7 @@ def create_app(config: Config) -> Starlette:
             state.queue,
             [s.value.encode() for s in config.github.webhook_secrets],
             policy,
-            on_queued=state.forwarder.wake,
+            on_queued=state.forwarder.note_intake,
         )
         state.forwarder.start()
         purger = asyncio.create_task(_purge_forever(state.queue), name="purge")

@@ -33,6 +33,12 @@ log = logging.getLogger("bridge.forward")
 
 PAUSE_PROBE_SECONDS = 30.0
 _IDLE_POLL_SECONDS = 1.0
+# A burst: at least _BURST_DELIVERIES queued within _BURST_WINDOW seconds (200/s). While one
+# lasts, forwarding runs at _BURST_CONCURRENCY so the event loop answers GitHub first
+# (issue 9: answering may be favoured over forwarding, as long as the drain keeps up after).
+_BURST_WINDOW = 0.1
+_BURST_DELIVERIES = 20
+_BURST_CONCURRENCY = 4
 
 
 class Backoff:
@@ -78,12 +84,25 @@ class Forwarder:
         self.paused_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._on_settled = on_settled
+        self._window_start = 0.0
+        self._window_count = 0
+        self._burst_until = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch(), name="forwarder")
 
     def wake(self) -> None:
-        """New work may be due (a delivery was queued, or a lane moved on)."""
+        """New work may be due (a delivery was restarted, or a lane moved on)."""
+        self._wake.set()
+
+    def note_intake(self) -> None:
+        """A delivery was queued: work is due, and a burst may be on."""
+        now = time.monotonic()
+        if now - self._window_start > _BURST_WINDOW:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count >= _BURST_DELIVERIES:
+            self._burst_until = now + _BURST_WINDOW
         self._wake.set()
 
     async def stop(self, grace: float) -> None:
@@ -121,9 +140,10 @@ class Forwarder:
                 return
             limit = 1
         else:
-            limit = self._concurrency - len(self._inflight)
+            burst = time.monotonic() < self._burst_until
+            limit = (_BURST_CONCURRENCY if burst else self._concurrency) - len(self._inflight)
             if limit <= 0:
-                await self._wait_slot()
+                await self._wait_slot(_BURST_WINDOW if burst else _IDLE_POLL_SECONDS)
                 return
         self._wake.clear()
         jobs = await self._queue.claim(limit, time.time())
@@ -139,10 +159,10 @@ class Forwarder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    async def _wait_slot(self) -> None:
+    async def _wait_slot(self, timeout: float = _IDLE_POLL_SECONDS) -> None:
         self._slot_free.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._slot_free.wait(), timeout=_IDLE_POLL_SECONDS)
+            await asyncio.wait_for(self._slot_free.wait(), timeout=timeout)
 
     async def _run(self, job: ClaimedJob) -> None:
         try:

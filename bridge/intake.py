@@ -12,7 +12,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -181,7 +180,7 @@ def _delivery(
         action=summary.action,
         repo=summary.repo,
         event=summary.event,
-        summary=asdict(summary),
+        summary=summary,
         payload=payload,
         skip=conversion.skip,
         jobs=new_jobs(conversion),

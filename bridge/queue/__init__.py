@@ -33,7 +33,7 @@ class NewDelivery:
     action: str
     repo: str  # "owner/name", "" when the payload has no repository
     event: str  # the Vela event, "" when skipped before conversion
-    summary: Mapping[str, Any]  # the operator API's build fields (bridge.convert.Summary)
+    summary: Any  # the operator API's build fields: bridge.convert.Summary, or a Mapping
     payload: bytes  # the GitHub payload as JSON, for restarts
     skip: str | None  # why nothing is forwarded; None when jobs are queued
     jobs: tuple[NewJob, ...]
