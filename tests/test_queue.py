@@ -638,3 +638,17 @@ def test_postgres_invariants_hold_under_concurrent_replicas(pg_url: str) -> None
         assert [s for s, _ in found].count("running") <= 1, lane
     for delivery_id, status in deliveries:
         assert status == delivery_status(states.get(delivery_id, [])), delivery_id
+
+
+def test_a_failing_call_does_not_undo_the_others_in_its_batch(url: str) -> None:
+    async def main(q: Any) -> list[Any]:
+        return await asyncio.gather(
+            q.add(delivery("before")),
+            q.cancel("Octo/App", 99, 1, time.time()),  # no such build: NotFound
+            q.add(delivery("after")),
+            return_exceptions=True,
+        )
+
+    before, failed, after = run(main, url)
+    assert before is Added.QUEUED and after is Added.QUEUED
+    assert isinstance(failed, NotFound)

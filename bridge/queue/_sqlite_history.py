@@ -22,6 +22,8 @@ _DELIVERY_COLUMNS = (
     "id, guid, repo, number, github_event, action, event, status, error, summary,"
     " payload IS NOT NULL, created_at, enqueued_at, started_at, finished_at"
 )
+_DELIVERIES = "deliveries JOIN delivery_data ON delivery_id = id"
+_JOBS = "jobs JOIN job_bodies ON job_id = id"
 _JOB_COLUMNS = (
     "id, number, state, endpoint, path, body IS NOT NULL, attempts, next_attempt_at, unclear,"
     " exit_code, error, vela_number, vela_link, enqueued_at, started_at, finished_at, delivery_id"
@@ -36,7 +38,7 @@ def records(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> list[Del
     marks = ", ".join("?" * len(ids))
     jobs: dict[int, list[JobRecord]] = {i: [] for i in ids}
     for j in conn.execute(
-        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE delivery_id IN ({marks}) ORDER BY number", ids
+        f"SELECT {_JOB_COLUMNS} FROM {_JOBS} WHERE delivery_id IN ({marks}) ORDER BY number", ids
     ):
         jobs[j[16]].append(
             JobRecord(
@@ -59,7 +61,7 @@ def records(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> list[Del
 
 def by_guid(conn: sqlite3.Connection, guid: str) -> DeliveryRecord | None:
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE guid = ?", (guid,)
+        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE guid = ?", (guid,)
     ).fetchall()
     found = records(conn, rows)
     return found[0] if found else None
@@ -67,7 +69,7 @@ def by_guid(conn: sqlite3.Connection, guid: str) -> DeliveryRecord | None:
 
 def build(conn: sqlite3.Connection, repo: str, number: int) -> DeliveryRecord:
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE repo_key = ? AND number = ?",
+        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE repo_key = ? AND number = ?",
         (repo.lower(), number),
     ).fetchall()
     if not rows:
@@ -85,7 +87,7 @@ def builds(
     if status is not None:
         where, args = where + " AND status = ?", [*args, status]
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE {where}"
+        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE {where}"
         " ORDER BY number DESC LIMIT ? OFFSET ?",
         (*args, page.per_page, (page.page - 1) * page.per_page),
     ).fetchall()
@@ -102,7 +104,7 @@ def deliveries(
             args.append(value)
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{where} ORDER BY id DESC LIMIT ? OFFSET ?",
+        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
         (*args, page.per_page, (page.page - 1) * page.per_page),
     ).fetchall()
     return records(conn, rows)
@@ -118,7 +120,7 @@ def restart(
         raise Conflict("its payload was deleted by queue.retention_days; it cannot be restarted")
     if not delivery.jobs:
         payload = conn.execute(
-            "SELECT payload FROM deliveries WHERE id = ?", (delivery.id,)
+            "SELECT payload FROM delivery_data WHERE delivery_id = ?", (delivery.id,)
         ).fetchone()[0]
         converted = reconvert(delivery.github_event, payload)
         if isinstance(converted, str):

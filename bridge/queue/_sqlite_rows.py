@@ -20,15 +20,19 @@ def insert_job(
         ).fetchone()
         is None
     )
-    conn.execute(
-        "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path, body,"
-        " fallback, lane, head, next_attempt_at, enqueued_at)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    job_id = conn.execute(
+        "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path,"
+        " lane, head, next_attempt_at, enqueued_at)"
+        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            delivery_id, number, job.endpoint, job.org, job.repo, job.path, job.body,
-            job.fallback, job.lane, int(head), now, now,
+            delivery_id, number, job.endpoint, job.org, job.repo, job.path,
+            job.lane, int(head), now, now,
         ),
-    )  # fmt: skip
+    ).lastrowid  # fmt: skip
+    conn.execute(
+        "INSERT INTO job_bodies (job_id, body, fallback) VALUES (?, ?, ?)",
+        (job_id, job.body, job.fallback),
+    )
 
 
 def promote(conn: sqlite3.Connection, job_id: int, lane: str) -> None:

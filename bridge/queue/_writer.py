@@ -89,27 +89,19 @@ class Writer:
     def _commit(
         self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]
     ) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op(conn)
-                except Exception as exc:  # the caller gets it, the batch goes on
-                    conn.execute("ROLLBACK TO op")
-                    results.append((future, None, _as_queue_error(exc)))
-                else:
-                    results.append((future, value, None))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-            self.commits += 1
+            results = self._run_batch(conn, batch)
+        except _OpFailed:
+            # One call failed: run the batch again, each call under its own SAVEPOINT,
+            # so that the others still commit and the failing one gets its error.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            try:
+                results = self._run_batch(conn, batch, isolated=True)
+            except sqlite3.Error as exc:
+                results = self._failed(conn, batch, exc)
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            error = QueueUnavailable(f"the queue could not commit: {exc}")
-            results = [(future, None, error) for _, future in batch]
+            results = self._failed(conn, batch, exc)
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for item in results:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
@@ -117,6 +109,52 @@ class Writer:
             # RuntimeError: that loop is closed, so nobody waits for these any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, items)
+
+    def _run_batch(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Op, asyncio.Future[Any]]],
+        isolated: bool = False,
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """One transaction for the batch. Without ``isolated``, any call failing raises
+        _OpFailed (nothing committed); with it, failures are caught per call."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for op, future in batch:
+            if not isolated:
+                try:
+                    results.append((future, op(conn), None))
+                except Exception as exc:  # retried below, isolated
+                    raise _OpFailed from exc
+                continue
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op(conn)
+            except Exception as exc:  # the caller gets it, the batch goes on
+                conn.execute("ROLLBACK TO op")
+                results.append((future, None, _as_queue_error(exc)))
+            else:
+                results.append((future, value, None))
+            conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+        self.commits += 1
+        return results
+
+    def _failed(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[tuple[Op, asyncio.Future[Any]]],
+        exc: sqlite3.Error,
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        error = QueueUnavailable(f"the queue could not commit: {exc}")
+        return [(future, None, error) for _, future in batch]
+
+
+class _OpFailed(Exception):
+    """A call of the batch raised: the batch is run again with one SAVEPOINT per call."""
 
 
 def _as_queue_error(exc: Exception) -> Exception:

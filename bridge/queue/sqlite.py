@@ -51,8 +51,6 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event TEXT NOT NULL,
     status TEXT NOT NULL,
     error TEXT NOT NULL,
-    summary BLOB NOT NULL,
-    payload BLOB,
     created_at REAL NOT NULL,
     enqueued_at REAL NOT NULL,
     started_at REAL,
@@ -70,8 +68,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     org TEXT NOT NULL,
     repo TEXT NOT NULL,
     path TEXT NOT NULL,
-    body BLOB,
-    fallback BLOB,
     lane TEXT NOT NULL,
     head INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -93,6 +89,18 @@ CREATE INDEX IF NOT EXISTS jobs_lane ON jobs (lane, id)
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (next_attempt_at)
     WHERE head = 1 AND state IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (id) WHERE state = 'running';
+-- Written once, read rarely: kept out of the rows that every claim and settle rewrite,
+-- so an 8 KB payload is not copied again at each state change.
+CREATE TABLE IF NOT EXISTS delivery_data (
+    delivery_id INTEGER PRIMARY KEY,
+    summary BLOB NOT NULL,
+    payload BLOB
+);
+CREATE TABLE IF NOT EXISTS job_bodies (
+    job_id INTEGER PRIMARY KEY,
+    body BLOB,
+    fallback BLOB
+);
 CREATE TABLE IF NOT EXISTS vela_deployments (
     repo_key TEXT NOT NULL,
     number INTEGER NOT NULL,
@@ -122,9 +130,9 @@ CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
 
 # Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog.
 CLAIM_SQL = (
-    "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, j.body, j.attempts,"
-    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, j.fallback"
-    " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id"
+    "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
+    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, b.fallback"
+    " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
     " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
     " ORDER BY j.next_attempt_at LIMIT ?"
 )
@@ -220,7 +228,11 @@ class SQLiteQueue:
 
     async def payload(self, guid: str) -> bytes | None:
         def op(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute("SELECT payload FROM deliveries WHERE guid = ?", (guid,)).fetchone()
+            row = conn.execute(
+                "SELECT x.payload FROM deliveries d JOIN delivery_data x ON x.delivery_id = d.id"
+                " WHERE d.guid = ?",
+                (guid,),
+            ).fetchone()
             return None if row is None else row[0]
 
         return await self._writer.run(op)
@@ -321,8 +333,8 @@ def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
     status = delivery_status([JobState.PENDING] * len(d.jobs))
     delivery_id = conn.execute(
         "INSERT INTO deliveries (guid, repo, repo_key, number, github_event, action, event,"
-        " status, error, summary, payload, created_at, enqueued_at, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " status, error, created_at, enqueued_at, finished_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             d.guid,
             d.repo,
@@ -333,14 +345,16 @@ def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
             d.event,
             status,
             d.skip or "",
-            orjson.dumps(d.summary),
-            d.payload,
             d.received_at,
             d.received_at,
             d.received_at if skipped else None,
         ),
     ).lastrowid
     assert delivery_id is not None
+    conn.execute(
+        "INSERT INTO delivery_data (delivery_id, summary, payload) VALUES (?, ?, ?)",
+        (delivery_id, orjson.dumps(d.summary), d.payload),
+    )
     for index, job in enumerate(d.jobs, start=1):
         insert_job(conn, delivery_id, index, job, d.received_at)
     return Added.SKIPPED if skipped else Added.QUEUED
@@ -443,21 +457,22 @@ def _release_all(conn: sqlite3.Connection, now: float) -> None:
 
 def _purge(conn: sqlite3.Connection, bodies_before: float, rows_before: float) -> int:
     """Drop finished deliveries' bodies after the retention; whole rows once dedupe allows."""
+    finished = "SELECT id FROM deliveries WHERE finished_at < ?"
+    jobs_of = f"SELECT id FROM jobs WHERE delivery_id IN ({finished})"
     touched = conn.execute(
-        "UPDATE deliveries SET payload = NULL WHERE finished_at < ? AND payload IS NOT NULL",
+        f"UPDATE delivery_data SET payload = NULL WHERE payload IS NOT NULL"
+        f" AND delivery_id IN ({finished})",
         (bodies_before,),
     ).rowcount
     conn.execute(
-        "UPDATE jobs SET body = NULL WHERE body IS NOT NULL AND delivery_id IN"
-        " (SELECT id FROM deliveries WHERE finished_at < ? AND payload IS NULL)",
+        f"UPDATE job_bodies SET body = NULL, fallback = NULL WHERE body IS NOT NULL"
+        f" AND job_id IN ({jobs_of})",
         (bodies_before,),
     )
-    old = "SELECT id FROM deliveries WHERE finished_at < ?"
-    conn.execute(
-        f"DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE delivery_id IN ({old}))",
-        (rows_before,),
-    )
-    conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({old})", (rows_before,))
+    conn.execute(f"DELETE FROM attempts WHERE job_id IN ({jobs_of})", (rows_before,))
+    conn.execute(f"DELETE FROM job_bodies WHERE job_id IN ({jobs_of})", (rows_before,))
+    conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({finished})", (rows_before,))
+    conn.execute(f"DELETE FROM delivery_data WHERE delivery_id IN ({finished})", (rows_before,))
     touched += conn.execute("DELETE FROM deliveries WHERE finished_at < ?", (rows_before,)).rowcount
     # Vela knows its deployments too (GET …/deployments/{id}): the record is a shortcut.
     conn.execute("DELETE FROM vela_deployments WHERE created_at < ?", (rows_before,))
