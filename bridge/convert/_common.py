@@ -34,9 +34,15 @@ class Draft:
     timestamp: int = 0  # head commit time, Unix seconds, 0 when unknown
 
 
+def _is_object(value: Any) -> bool:
+    """A JSON object: a dict (what the intake's parser makes) or any other Mapping."""
+    # type() first: isinstance against the Mapping ABC is several times slower.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _walk(obj: Any, keys: tuple[str, ...]) -> Any:
     for key in keys:
-        if not isinstance(obj, Mapping):
+        if not _is_object(obj):
             return None
         obj = obj.get(key)
     return obj
@@ -57,14 +63,14 @@ def opt_int(obj: Any, *keys: str) -> int | None:
 def opt_obj(obj: Any, *keys: str) -> Mapping[str, Any] | None:
     """The JSON object at ``keys``, or None."""
     value = _walk(obj, keys)
-    return value if isinstance(value, Mapping) else None
+    return value if _is_object(value) else None
 
 
 def _required(payload: Mapping[str, Any], dotted: str, kind: str) -> Any:
     obj: Any = payload
     parts = dotted.split(".")
     for depth, key in enumerate(parts):
-        if not isinstance(obj, Mapping):
+        if not _is_object(obj):
             parent = ".".join(parts[:depth])
             raise PayloadError(f"{dotted}: missing ({parent} is not an object)")
         obj = obj.get(key)
