@@ -652,3 +652,44 @@ def test_a_failing_call_does_not_undo_the_others_in_its_batch(url: str) -> None:
     before, failed, after = run(main, url)
     assert before is Added.QUEUED and after is Added.QUEUED
     assert isinstance(failed, NotFound)
+
+
+def test_an_add_returns_only_after_its_batch_was_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: the write-ahead log is fdatasync'd after the commit, before the answer."""
+    import os
+
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        real(fd)
+        syncs.append(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+
+    async def main(q: Any) -> None:
+        for index in range(3):
+            before = len(syncs)
+            assert await q.add(delivery(f"g{index}")) is Added.QUEUED
+            assert len(syncs) > before
+        before = len(syncs)
+        assert await q.add(delivery("g0")) is Added.DUPLICATE  # nothing written: no sync
+        assert len(syncs) == before
+
+    run(main, f"sqlite:///{tmp_path / 'q.db'}")
+
+
+def test_a_failed_sync_is_a_failed_add(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def main(q: Any) -> None:
+        monkeypatch.setattr(os, "fdatasync", broken)
+        with pytest.raises(QueueUnavailable, match="sync"):
+            await q.add(delivery("g"))
+
+    run(main, f"sqlite:///{tmp_path / 'q.db'}")
