@@ -36,7 +36,7 @@ Op = Callable[[sqlite3.Connection], Any]
 Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 _MAX_BATCH = 512
-_CHECKPOINT_BYTES = 8 * 1024 * 1024  # checkpoint once the WAL has grown past this
+_CHECKPOINT_BYTES = 1024 * 1024  # checkpoint once the WAL has grown past this: small steps
 
 
 class Writer:
