@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.github import FakeGitHub, app_key
 from tests.fakes.vela import FakeVela
-from tests.support import VELA_TOKEN, Bridge
+from tests.support import SECRET, VELA_TOKEN, Bridge
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +18,21 @@ def fake_vela() -> Iterator[FakeVela]:
     server = FakeVela(token=VELA_TOKEN).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_github() -> Iterator[FakeGitHub]:
+    """The one fake GitHub API: App JWTs, installation tokens, hook deliveries, statuses."""
+    server = FakeGitHub(public_key=app_key()[1], secret=SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def github(fake_github: FakeGitHub) -> FakeGitHub:
+    """The shared fake GitHub with no history and no scripted answers, for one test."""
+    fake_github.reset()
+    return fake_github
 
 
 @pytest.fixture

@@ -13,30 +13,15 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.fakes.github import APP_ID, FakeGitHub, app_key
 from tests.fakes.vela import FakeVela, Reply
 from tests.support import OPERATOR_TOKEN, SECRET, VELA_TOKEN, Bridge, payload, write_config
 
 PUSH = payload("hand.push.feature-branch.json")
-
-
-@pytest.fixture(scope="module")
-def fake_github() -> Iterator[FakeGitHub]:
-    server = FakeGitHub(public_key=app_key()[1], prefix="/api/v3", secret=SECRET).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def github(fake_github: FakeGitHub) -> FakeGitHub:
-    fake_github.reset()
-    return fake_github
 
 
 def app_section(tmp_path: Path, fake: FakeGitHub, **keys: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,23 +21,10 @@ from bridge.github.auth import Auth
 from bridge.github.statuses import StatusReporter, commit_of, failure_status
 from bridge.queue import Attempt, ClaimedJob, NewDelivery, NewJob, Queue, Settlement, open_queue
 from bridge.states import JobState
-from tests.fakes.github import TOKEN, Failure, FakeGitHub, app_config, app_key
+from tests.fakes.github import TOKEN, Failure, FakeGitHub, app_config
 
 T = TypeVar("T")
 REPO = "octo-org/web.app"
-
-
-@pytest.fixture(scope="module")
-def fake_github() -> Iterator[FakeGitHub]:
-    server = FakeGitHub(public_key=app_key()[1]).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def github(fake_github: FakeGitHub) -> FakeGitHub:
-    fake_github.reset()
-    return fake_github
 
 
 class Harness:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,19 +32,6 @@ from tests.fakes.vela import _free_port
 
 T = TypeVar("T")
 HOUR = 3600.0
-
-
-@pytest.fixture(scope="module")
-def fake_github() -> Iterator[FakeGitHub]:
-    server = FakeGitHub(public_key=app_key()[1]).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def github(fake_github: FakeGitHub) -> FakeGitHub:
-    fake_github.reset()
-    return fake_github
 
 
 @asynccontextmanager

@@ -25,16 +25,9 @@ from bridge.queue._postgres_rows import (
     refresh,
 )
 from bridge.queue._postgres_schema import ACTIVE_SQL, NS_OPERATOR
+from bridge.queue._records import DELIVERY_COLUMNS, JOB_COLUMNS, build_records
 from bridge.states import ACTIVE, FINISHED, JobState, check
 
-_DELIVERY_COLUMNS = (
-    "id, guid, repo, number, github_event, action, event, status, error, summary,"
-    " payload IS NOT NULL, created_at, enqueued_at, started_at, finished_at"
-)
-_JOB_COLUMNS = (
-    "id, number, state, endpoint, path, body IS NOT NULL, attempts, next_attempt_at, unclear,"
-    " exit_code, error, vela_number, vela_link, enqueued_at, started_at, finished_at, delivery_id"
-)
 _BIGINT = 2**63 - 1
 
 
@@ -58,37 +51,19 @@ def clean_job(j: NewJob) -> NewJob:
 
 
 async def records(conn: Conn, rows: Sequence[Sequence[Any]]) -> list[DeliveryRecord]:
-    """Delivery rows (``_DELIVERY_COLUMNS``) with their jobs, read in one more query."""
+    """Delivery rows (``DELIVERY_COLUMNS``) with their jobs, read in one more query."""
     if not rows:
         return []
     ids = [row[0] for row in rows]
-    jobs: dict[int, list[JobRecord]] = {i: [] for i in ids}
     cur = await conn.execute(
-        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE delivery_id = ANY(%s::int8[]) ORDER BY number",
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE delivery_id = ANY(%s::int8[]) ORDER BY number",
         (ids,),
     )
-    for j in await cur.fetchall():
-        jobs[j[16]].append(
-            JobRecord(
-                id=j[0], number=j[1], state=JobState(j[2]), endpoint=j[3], path=j[4],
-                has_body=j[5], attempts=j[6], next_attempt_at=j[7], unclear=j[8],
-                exit_code=j[9], error=j[10], vela_number=j[11], vela_link=j[12],
-                enqueued_at=j[13], started_at=j[14], finished_at=j[15],
-            )
-        )  # fmt: skip
-    return [
-        DeliveryRecord(
-            id=r[0], guid=r[1], repo=r[2], number=r[3], github_event=r[4], action=r[5],
-            event=r[6], status=r[7], error=r[8], summary=orjson.loads(r[9]),
-            has_payload=r[10], created_at=r[11], enqueued_at=r[12], started_at=r[13],
-            finished_at=r[14], jobs=tuple(jobs[r[0]]),
-        )
-        for r in rows
-    ]  # fmt: skip
+    return build_records(rows, await cur.fetchall())
 
 
 async def _select(conn: Conn, where: str, args: Sequence[Any]) -> list[DeliveryRecord]:
-    cur = await conn.execute(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries {where}", args)
+    cur = await conn.execute(f"SELECT {DELIVERY_COLUMNS} FROM deliveries {where}", args)
     return await records(conn, await cur.fetchall())
 
 

@@ -15,53 +15,29 @@ import orjson
 
 from bridge.errors import Conflict, NotFound
 from bridge.queue import Attempt, DeliveryRecord, JobRecord, Page, Reconvert
+from bridge.queue._records import DELIVERY_COLUMNS, JOB_COLUMNS, build_records
 from bridge.queue._sqlite_rows import insert_job, promote, refresh_delivery
 from bridge.states import ACTIVE, FINISHED, JobState, check
 
-_DELIVERY_COLUMNS = (
-    "id, guid, repo, number, github_event, action, event, status, error, summary,"
-    " payload IS NOT NULL, created_at, enqueued_at, started_at, finished_at"
-)
 _DELIVERIES = "deliveries JOIN delivery_data ON delivery_id = id"
 _JOBS = "jobs JOIN job_bodies ON job_id = id"
-_JOB_COLUMNS = (
-    "id, number, state, endpoint, path, body IS NOT NULL, attempts, next_attempt_at, unclear,"
-    " exit_code, error, vela_number, vela_link, enqueued_at, started_at, finished_at, delivery_id"
-)
 
 
 def records(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> list[DeliveryRecord]:
-    """Delivery rows (``_DELIVERY_COLUMNS``) with their jobs, read in one more query."""
+    """Delivery rows (``DELIVERY_COLUMNS``) with their jobs, read in one more query."""
     if not rows:
         return []
     ids = [row[0] for row in rows]
     marks = ", ".join("?" * len(ids))
-    jobs: dict[int, list[JobRecord]] = {i: [] for i in ids}
-    for j in conn.execute(
-        f"SELECT {_JOB_COLUMNS} FROM {_JOBS} WHERE delivery_id IN ({marks}) ORDER BY number", ids
-    ):
-        jobs[j[16]].append(
-            JobRecord(
-                id=j[0], number=j[1], state=JobState(j[2]), endpoint=j[3], path=j[4],
-                has_body=bool(j[5]), attempts=j[6], next_attempt_at=j[7], unclear=bool(j[8]),
-                exit_code=j[9], error=j[10], vela_number=j[11], vela_link=j[12],
-                enqueued_at=j[13], started_at=j[14], finished_at=j[15],
-            )
-        )  # fmt: skip
-    return [
-        DeliveryRecord(
-            id=r[0], guid=r[1], repo=r[2], number=r[3], github_event=r[4], action=r[5],
-            event=r[6], status=r[7], error=r[8], summary=orjson.loads(r[9]),
-            has_payload=bool(r[10]), created_at=r[11], enqueued_at=r[12], started_at=r[13],
-            finished_at=r[14], jobs=tuple(jobs[r[0]]),
-        )
-        for r in rows
-    ]  # fmt: skip
+    job_rows = conn.execute(
+        f"SELECT {JOB_COLUMNS} FROM {_JOBS} WHERE delivery_id IN ({marks}) ORDER BY number", ids
+    )
+    return build_records(rows, job_rows)
 
 
 def by_guid(conn: sqlite3.Connection, guid: str) -> DeliveryRecord | None:
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE guid = ?", (guid,)
+        f"SELECT {DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE guid = ?", (guid,)
     ).fetchall()
     found = records(conn, rows)
     return found[0] if found else None
@@ -69,7 +45,7 @@ def by_guid(conn: sqlite3.Connection, guid: str) -> DeliveryRecord | None:
 
 def build(conn: sqlite3.Connection, repo: str, number: int) -> DeliveryRecord:
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE repo_key = ? AND number = ?",
+        f"SELECT {DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE repo_key = ? AND number = ?",
         (repo.lower(), number),
     ).fetchall()
     if not rows:
@@ -87,7 +63,7 @@ def builds(
     if status is not None:
         where, args = where + " AND status = ?", [*args, status]
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE {where}"
+        f"SELECT {DELIVERY_COLUMNS} FROM {_DELIVERIES} WHERE {where}"
         " ORDER BY number DESC LIMIT ? OFFSET ?",
         (*args, page.per_page, (page.page - 1) * page.per_page),
     ).fetchall()
@@ -104,7 +80,7 @@ def deliveries(
             args.append(value)
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM {_DELIVERIES}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
+        f"SELECT {DELIVERY_COLUMNS} FROM {_DELIVERIES}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
         (*args, page.per_page, (page.page - 1) * page.per_page),
     ).fetchall()
     return records(conn, rows)
