@@ -124,11 +124,15 @@ def create_app(config: Config) -> Starlette:
 
 
 async def _purge_forever(queue: Queue) -> None:
+    """Retention (queue.retention_days), at start-up and hourly, in short steps."""
     while True:
+        removed = 0
         try:
-            removed = await queue.purge(time.time())
-            if removed:
-                log.info("retention: %d old deliveries trimmed", removed)
-        except QueueError as exc:
-            log.warning("retention pass failed: %s", exc)
+            while (step := await queue.purge(time.time())) > 0:
+                removed += step
+                await asyncio.sleep(0.05)  # let deliveries in between
+        except Exception:  # retention must go on next hour whatever failed this time
+            log.exception("retention pass failed")
+        if removed:
+            log.info("retention: %d old deliveries trimmed", removed)
         await asyncio.sleep(_PURGE_INTERVAL_SECONDS)

@@ -138,7 +138,7 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
         return 2
     print(
         f"vela-bridge {__version__}: listening on http://{host}:{port}, "
-        f"queue {redact_url(config.queue.url)}, forwarding to {config.vela.url}",
+        f"queue {redact_url(config.queue.url)}, forwarding to {redact_url(config.vela.url)}",
         file=sys.stderr,
         flush=True,
     )

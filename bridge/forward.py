@@ -87,6 +87,7 @@ class Forwarder:
         self._window_start = 0.0
         self._window_count = 0
         self._burst_until = 0.0
+        self._next_probe = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch(), name="forwarder")
@@ -131,13 +132,16 @@ class Forwarder:
 
     async def _dispatch_once(self) -> None:
         if self.paused_reason is not None:
-            # One job at a time probes the token; the rest wait.
+            # One job probes the token every probe_seconds; the rest wait. Wake-ups (new
+            # deliveries, settled jobs) do not shorten the wait: it is a deadline.
             if self._inflight:
                 await self._wait_slot()
                 return
-            await self._sleep(self._probe_seconds)
-            if self._stopping:
+            wait = self._next_probe - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(min(wait, _IDLE_POLL_SECONDS))
                 return
+            self._next_probe = time.monotonic() + self._probe_seconds
             limit = 1
         else:
             burst = time.monotonic() < self._burst_until
@@ -173,7 +177,12 @@ class Forwarder:
             if self._on_settled is not None:
                 await self._on_settled(job, settlement)
         except QueueError as exc:
+            # Its claim stays until queue.lease_seconds runs out; then it is taken again.
             log.error("cannot settle job %s: %s", job.id, exc, extra=_fields(job))
+        except Exception:  # a bug here must not leave the job claimed and its lane blocked
+            log.exception("job %s failed unexpectedly; releasing it", job.id, extra=_fields(job))
+            with contextlib.suppress(QueueError):
+                await self._queue.release([job.id], time.time())
         finally:
             self._inflight.pop(job.id, None)
             self._slot_free.set()
@@ -274,6 +283,7 @@ class Forwarder:
 
     def _pause(self, reason: str) -> None:
         metrics.FORWARDING_PAUSED.set(1)
+        self._next_probe = time.monotonic() + self._probe_seconds
         if self.paused_reason is None:
             log.warning(
                 "forwarding paused: %s; trying again every %.0f s", reason, self._probe_seconds

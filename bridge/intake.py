@@ -23,7 +23,7 @@ from starlette.responses import Response
 from bridge import observability as metrics
 from bridge import signature
 from bridge.convert import Conversion, Policy, convert
-from bridge.errors import IntakeError, QueueUnavailable
+from bridge.errors import IntakeError, QueueError
 from bridge.queue import Added, NewDelivery, NewJob, Queue
 
 log = logging.getLogger("bridge.intake")
@@ -104,8 +104,11 @@ class Intake:
         delivery = _delivery(guid, event, conversion, payload_bytes, received)
         try:
             added = await self._queue.add(delivery)
-        except QueueUnavailable as exc:
-            log.error("cannot store delivery: %s", exc, extra=_fields(delivery))
+        except Exception as exc:  # QueueError, or a bug: either way not stored, so no 2xx
+            if isinstance(exc, QueueError):
+                log.error("cannot store delivery: %s", exc, extra=_fields(delivery))
+            else:
+                log.exception("cannot store delivery", extra=_fields(delivery))
             answer = _error(503, "the queue cannot store the delivery right now; try again")
             return answer, event, "unavailable"
         log.info(

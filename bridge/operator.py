@@ -9,6 +9,7 @@ with no token configured, every request is refused.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,12 +23,16 @@ from starlette.routing import Route
 from bridge import observability as metrics
 from bridge.config import Secret
 from bridge.convert import Policy, convert
-from bridge.errors import IntakeError, OperatorError
+from bridge.errors import IntakeError, NotFound, OperatorError, QueueError
 from bridge.intake import JSONResponse, new_jobs
 from bridge.queue import Attempt, DeliveryRecord, JobRecord, NewJob, Page, Queue
 from bridge.states import DeliveryStatus, JobState
 
+log = logging.getLogger("bridge.operator")
+
 _MAX_PER_PAGE = 100
+_MAX_PAGE = 1_000_000
+_LARGEST = 2**63 - 1  # numbers are stored as 64-bit integers: anything larger is unknown
 _STATUSES = frozenset(DeliveryStatus)
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -67,6 +72,9 @@ class OperatorAPI:
                 return await handler(request)
             except OperatorError as exc:
                 return JSONResponse({"error": exc.message}, exc.status_code)
+            except QueueError as exc:
+                log.error("operator API: the queue cannot answer: %s", exc)
+                return JSONResponse({"error": "the queue cannot be reached right now"}, 503)
 
         return guarded
 
@@ -107,6 +115,7 @@ class OperatorAPI:
         )
         if cancelled.status == DeliveryStatus.KILLED:
             metrics.FINISHED.labels("killed").inc()
+        self._on_queued()  # a cancelled head lets the next job of its lane go
         return JSONResponse(self._build(cancelled))
 
     async def log(self, request: Request) -> Response:
@@ -185,11 +194,14 @@ def _repo(request: Request) -> str:
 
 
 def _positive(request: Request, name: str) -> int:
-    return _positive_int(request.path_params[name], name)
+    number = _positive_int(request.path_params[name], name)
+    if number > _LARGEST:
+        raise NotFound(f"no {name} {number}")
+    return number
 
 
 def _positive_int(text: str, name: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
+    if not text.isascii() or not text.isdigit() or len(text) > 30 or int(text) < 1:
         raise OperatorError(f"{name} must be a positive integer")
     return int(text)
 
@@ -197,6 +209,8 @@ def _positive_int(text: str, name: str) -> int:
 def _page(request: Request) -> Page:
     query = request.query_params
     page = _positive_int(query.get("page", "1"), "page")
+    if page > _MAX_PAGE:
+        raise OperatorError(f"page must be at most {_MAX_PAGE}")
     per_page = _positive_int(query.get("per_page", "25"), "per_page")
     if per_page > _MAX_PER_PAGE:
         raise OperatorError(f"per_page must be at most {_MAX_PER_PAGE}")

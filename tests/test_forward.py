@@ -191,3 +191,17 @@ def test_refused_token_pauses_without_consuming_attempts(make_bridge: Any, vela:
     vela.always(None)
     bridge.wait_status(guid, "success")
     assert bridge.client.get("/readyz").status_code == 200
+
+
+def test_a_paused_bridge_probes_once_per_interval(make_bridge: Any, vela: FakeVela) -> None:
+    """New deliveries and settled probes do not shorten the wait between token probes."""
+    bridge = make_bridge(vela={"auth_retry_seconds": 1})
+    vela.always(Reply(401, {"error": "token expired"}))
+    started = time.monotonic()
+    for index in range(10):
+        bridge.send("push", push(f"refs/heads/b{index}"))
+        time.sleep(0.25)
+    elapsed = time.monotonic() - started
+    # The first attempts (before the pause takes hold) plus one probe a second.
+    assert len(vela.posts()) <= 4 + elapsed, len(vela.posts())
+    assert bridge.client.get("/readyz").status_code == 503

@@ -150,6 +150,10 @@ def test_paging_and_status_filter(bridge: Bridge, vela: FakeVela) -> None:
         (f"/api/repos/{REPO}/logs/1/2", {}, 404),
         (f"/api/repos/{REPO}/logs/1/x", {}, 400),
         ("/api/deliveries", {"per_page": "-1"}, 400),
+        (f"{BUILDS}/99999999999999999999", {}, 404),
+        (f"/api/repos/{REPO}/logs/99999999999999999999/1", {}, 404),
+        (BUILDS, {"page": "99999999999999999999"}, 400),
+        (f"{BUILDS}/{'9' * 4000}", {}, 400),
     ],
 )
 def test_bad_requests(bridge: Bridge, path: str, params: dict[str, str], status: int) -> None:

@@ -693,3 +693,43 @@ def test_a_failed_sync_is_a_failed_add(tmp_path: Path, monkeypatch: pytest.Monke
             await q.add(delivery("g"))
 
     run(main, f"sqlite:///{tmp_path / 'q.db'}")
+
+
+def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:
+    """SQLite: an attempt that could not settle does not hold its lane past its lease."""
+
+    async def main(q: Any) -> tuple[list[Any], list[Any]]:
+        await q.add(delivery("g"))
+        now = time.time()
+        first = await q.claim(10, now)  # ...and never settled
+        again = await q.claim(10, now + 1)  # the test queue's lease is 0.5 s
+        return first, again
+
+    first, again = run(main, f"sqlite:///{tmp_path / 'q.db'}", lease=0.5)
+    assert [j.guid for j in first] == ["g"] and not first[0].unclear
+    assert [j.guid for j in again] == ["g"] and again[0].unclear
+
+
+def test_closing_while_a_batch_syncs_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        time.sleep(0.2)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+
+    async def main() -> list[Any]:
+        q = await opened(f"sqlite:///{tmp_path / 'q.db'}")
+        first = asyncio.ensure_future(q.add(delivery("a")))
+        await asyncio.sleep(0.05)  # the first batch is syncing now
+        second = asyncio.ensure_future(q.add(delivery("b")))
+        await asyncio.sleep(0)
+        await asyncio.wait_for(q.close(), timeout=5)
+        return [await first, await second]
+
+    assert asyncio.run(main()) == [Added.QUEUED, Added.QUEUED]

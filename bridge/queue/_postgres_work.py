@@ -270,3 +270,7 @@ async def purge_rows(conn: Conn, before: float) -> int:
 async def purge_other(conn: Conn, before: float) -> None:
     # Vela knows its deployments too (GET …/deployments/{id}): the record is a shortcut.
     await conn.execute("DELETE FROM vela_deployments WHERE created_at < %s", (before,))
+    # Commit-status bookkeeping of deliveries that retention has deleted.
+    await conn.execute(
+        "DELETE FROM reports r WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.guid = r.guid)"
+    )

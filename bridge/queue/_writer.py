@@ -96,16 +96,14 @@ class Writer:
     async def _commit_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             if not self._pending:
                 if self._stopping:
                     return
+                await self._wake.wait()
+                self._wake.clear()
                 continue
             batch = self._pending[:_MAX_BATCH]
             del self._pending[:_MAX_BATCH]
-            if self._pending:
-                self._wake.set()
             assert self._conn is not None
             changes = self._conn.total_changes
             results = _commit(self._conn, batch)

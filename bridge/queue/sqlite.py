@@ -136,6 +136,14 @@ CLAIM_SQL = (
     " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
     " ORDER BY j.next_attempt_at LIMIT ?"
 )
+# Claims whose lease ran out while the process lived (an attempt that could not settle):
+# taken again, as unclear. Few rows: only running jobs are in the jobs_running index.
+EXPIRED_SQL = (
+    "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
+    " j.first_attempt_at, 1, d.github_event, d.action, j.delivery_id, b.fallback"
+    " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
+    " WHERE j.state = 'running' AND j.lease_until < ? LIMIT ?"
+)
 _DEDUPE_SECONDS = 7 * 86_400  # interface.md: GUIDs are kept at least 7 days
 
 
@@ -363,13 +371,15 @@ def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
 def _claim(
     conn: sqlite3.Connection, limit: int, now: float, lease_until: float
 ) -> list[ClaimedJob]:
-    rows = conn.execute(CLAIM_SQL, (now, limit)).fetchall()
+    rows = conn.execute(EXPIRED_SQL, (now, limit)).fetchall()
+    if len(rows) < limit:
+        rows += conn.execute(CLAIM_SQL, (now, limit - len(rows))).fetchall()
     claimed = []
     for row in rows:
         conn.execute(
-            "UPDATE jobs SET state = 'running', lease_until = ?,"
+            "UPDATE jobs SET state = 'running', lease_until = ?, unclear = ?,"
             " started_at = COALESCE(started_at, ?) WHERE id = ?",
-            (lease_until, now, row[0]),
+            (lease_until, row[10], now, row[0]),
         )
         refresh_delivery(conn, row[13], now)
         claimed.append(
@@ -455,25 +465,47 @@ def _release_all(conn: sqlite3.Connection, now: float) -> None:
     _release(conn, [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running'")], now)
 
 
+_PURGE_CHUNK = 500  # deliveries per purge call: each call is one short transaction
+
+
 def _purge(conn: sqlite3.Connection, bodies_before: float, rows_before: float) -> int:
-    """Drop finished deliveries' bodies after the retention; whole rows once dedupe allows."""
-    finished = "SELECT id FROM deliveries WHERE finished_at < ?"
-    jobs_of = f"SELECT id FROM jobs WHERE delivery_id IN ({finished})"
-    touched = conn.execute(
-        f"UPDATE delivery_data SET payload = NULL WHERE payload IS NOT NULL"
-        f" AND delivery_id IN ({finished})",
-        (bodies_before,),
-    ).rowcount
+    """Drop finished deliveries' bodies after the retention; whole rows once dedupe allows.
+
+    At most _PURGE_CHUNK deliveries of each kind per call, so the event loop is never
+    held long; the caller calls again while something was done.
+    """
+    stale = [
+        r[0]
+        for r in conn.execute(
+            "SELECT d.id FROM deliveries d JOIN delivery_data x ON x.delivery_id = d.id"
+            " WHERE d.finished_at < ? AND x.payload IS NOT NULL LIMIT ?",
+            (bodies_before, _PURGE_CHUNK),
+        )
+    ]
+    marks = ", ".join("?" * len(stale))
+    conn.execute(f"UPDATE delivery_data SET payload = NULL WHERE delivery_id IN ({marks})", stale)
     conn.execute(
-        f"UPDATE job_bodies SET body = NULL, fallback = NULL WHERE body IS NOT NULL"
-        f" AND job_id IN ({jobs_of})",
-        (bodies_before,),
+        "UPDATE job_bodies SET body = NULL, fallback = NULL"
+        f" WHERE job_id IN (SELECT id FROM jobs WHERE delivery_id IN ({marks}))",
+        stale,
     )
-    conn.execute(f"DELETE FROM attempts WHERE job_id IN ({jobs_of})", (rows_before,))
-    conn.execute(f"DELETE FROM job_bodies WHERE job_id IN ({jobs_of})", (rows_before,))
-    conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({finished})", (rows_before,))
-    conn.execute(f"DELETE FROM delivery_data WHERE delivery_id IN ({finished})", (rows_before,))
-    touched += conn.execute("DELETE FROM deliveries WHERE finished_at < ?", (rows_before,)).rowcount
+    old = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM deliveries WHERE finished_at < ? LIMIT ?", (rows_before, _PURGE_CHUNK)
+        )
+    ]
+    marks = ", ".join("?" * len(old))
+    jobs_of = f"SELECT id FROM jobs WHERE delivery_id IN ({marks})"
+    conn.execute(f"DELETE FROM attempts WHERE job_id IN ({jobs_of})", old)
+    conn.execute(f"DELETE FROM job_bodies WHERE job_id IN ({jobs_of})", old)
+    conn.execute(f"DELETE FROM jobs WHERE delivery_id IN ({marks})", old)
+    conn.execute(f"DELETE FROM delivery_data WHERE delivery_id IN ({marks})", old)
+    conn.execute(
+        f"DELETE FROM reports WHERE guid IN (SELECT guid FROM deliveries WHERE id IN ({marks}))",
+        old,
+    )
+    conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", old)
     # Vela knows its deployments too (GET …/deployments/{id}): the record is a shortcut.
     conn.execute("DELETE FROM vela_deployments WHERE created_at < ?", (rows_before,))
-    return touched
+    return len(stale) + len(old)
