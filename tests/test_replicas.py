@@ -144,3 +144,19 @@ def test_two_replicas_share_the_queue_and_survive_a_kill_9(
     for bridge in (a, b):
         assert PASSWORD not in bridge.logs()
         assert ":***@" in bridge.logs()  # the start-up line names the queue, masked
+
+
+def test_a_queue_that_goes_away_is_503_not_a_lost_delivery(
+    make_bridge: Any, vela: FakeVela, postgres_server: Any
+) -> None:
+    """readyz and intake answer 503 while the database cannot be reached."""
+    url = postgres_server.create_database()
+    bridge = make_bridge(queue={"url": url, "lease_seconds": 3})
+    assert bridge.client.get("/readyz").status_code == 200
+    assert bridge.send("push", push()).status_code == 202
+    postgres_server.drop_database(url)  # FORCE: every connection of the bridge is cut
+    ready = bridge.client.get("/readyz")
+    assert ready.status_code == 503 and "queue" in ready.json()["reason"]
+    refused = bridge.send("push", push())
+    assert refused.status_code == 503 and refused.json()["error"]
+    assert bridge.client.get("/healthz").status_code == 200
