@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/run.py            # full run, under ~3 minutes
     .venv/bin/python bench/run.py --quick    # one short round of each, for a fast check
+    .venv/bin/python bench/run.py --queue postgres   # the same on PostgreSQL
 
 Everything runs on loopback, in processes of its own: a fast fake Vela
 (bench/fake_vela.py), the bridge (``python -m bridge serve`` with a generated TOML,
-SQLite queue in a temp dir), a bare Starlette endpoint under the same uvicorn
-settings (bench/baseline.py), and wrk with bench/webhook.lua as the load.
+SQLite queue in a temp dir, or with ``--queue postgres`` a database of its own on
+a throwaway PostgreSQL cluster or on ``--queue-url``), a bare Starlette endpoint
+under the same uvicorn settings (bench/baseline.py), and wrk with bench/webhook.lua
+as the load.
 Results go to bench/results/latest.json and a short table; bench/README.md says
 what each figure means. Not part of the test suite.
 """
@@ -34,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -105,8 +109,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="py-spy the bridge (raw stacks in bench/results/)"
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, queue files)")
-    p.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
+    p.add_argument(
+        "--queue",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the bridge's queue: SQLite files (default) or PostgreSQL",
+    )
+    p.add_argument(
+        "--queue-url",
+        help="with --queue postgres: an existing server (a URL that may CREATE DATABASE);"
+        " default: a throwaway cluster on loopback",
+    )
+    p.add_argument(
+        "--out", help="JSON output (default bench/results/latest.json, latest-postgres.json)"
+    )
     args = p.parse_args(argv)
+    if args.queue_url and args.queue != "postgres":
+        p.error("--queue-url needs --queue postgres")
+    if args.out is None:
+        name = "latest.json" if args.queue == "sqlite" else "latest-postgres.json"
+        args.out = str(BENCH / "results" / name)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (3 if args.quick else 5)
     args.backlog = args.backlog if args.backlog is not None else (20_000 if args.quick else 100_000)
@@ -282,7 +304,149 @@ class QueueFile:
             self._conn = None
 
 
-def write_config(path: Path, port: int, vela_url: str, db: Path, log_level: str) -> Path:
+class PostgresQueueDb:
+    """The same look at a bridge's PostgreSQL queue (one database per bridge), via psycopg."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Any = None
+
+    def _one(self, sql: str) -> int:
+        import psycopg
+
+        if self._conn is None:
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        row = self._conn.execute(sql).fetchone()
+        return int(row[0] or 0)
+
+    def jobs(self) -> int:
+        # count(*), not MAX(id): identity values are not reused after a rolled-back batch.
+        return self._one("SELECT count(*) FROM jobs")
+
+    def active(self) -> int:
+        return self._one(
+            "SELECT count(*) FROM jobs WHERE state IN ('pending', 'running', 'retrying')"
+        )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Postgres:
+    """The server the PostgreSQL runs use: a throwaway cluster (tests/pg.py) or ``--queue-url``.
+
+    Each bridge gets a database of its own, so no phase sees another's rows. The cluster is
+    stopped and its folder removed by :meth:`close`; on a server named by URL, the databases
+    this run created are dropped instead.
+    """
+
+    def __init__(self, url: str | None) -> None:
+        self.cluster: Any = None
+        self.created: list[str] = []
+        if url is None:
+            from tests.pg import _bindir, _Cluster
+
+            bindir = _bindir()
+            if bindir is None:
+                raise RuntimeError(
+                    "no PostgreSQL binaries (apt-get install postgresql), or pass --queue-url"
+                )
+            self.cluster = _Cluster(bindir)
+        try:
+            self.admin_url = url if url is not None else self.cluster.start()
+            self._wait()
+        except BaseException:
+            if self.cluster is not None:
+                self.cluster.stop()  # removes the folder too
+            raise
+
+    def _admin(self, sql: str) -> Any:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+            cur = conn.execute(sql)
+            return cur.fetchall() if cur.description is not None else None
+
+    def _wait(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._admin("SELECT 1")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def create_database(self, name: str) -> str:
+        db = f"vb_bench_{name}_{uuid.uuid4().hex[:8]}".replace("-", "_")
+        self._admin(f'CREATE DATABASE "{db}"')
+        self.created.append(db)
+        return urlunsplit(urlsplit(self.admin_url)._replace(path="/" + db))
+
+    def database_mb(self, url: str) -> float:
+        db = urlsplit(url).path.lstrip("/")
+        rows = self._admin(f"SELECT pg_database_size('{db}')")
+        return round(int(rows[0][0]) / 2**20, 1)
+
+    def info(self) -> dict[str, Any]:
+        rows = self._admin(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('server_version', 'fsync',"
+            " 'synchronous_commit', 'shared_buffers', 'wal_level', 'max_connections')"
+        )
+        out: dict[str, Any] = dict(rows)
+        out["throwaway_cluster"] = self.cluster is not None
+        return out
+
+    def server_pids(self) -> list[int]:
+        """The postmaster and its children (throwaway cluster only; [] otherwise)."""
+        if self.cluster is None:
+            return []
+        try:
+            main = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return []
+        pids = [main]
+        with contextlib.suppress(OSError):
+            pids += [int(x) for x in Path(f"/proc/{main}/task/{main}/children").read_text().split()]
+        return pids
+
+    def usage(self) -> tuple[float, int]:
+        """CPU seconds and write_bytes of the cluster so far (reaped backends' CPU included
+        through the postmaster's cutime/cstime; their write_bytes are not)."""
+        cpu, disk = 0.0, 0
+        pids = self.server_pids()
+        for i, pid in enumerate(pids):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                ticks = int(fields[11]) + int(fields[12])
+                if i == 0:
+                    ticks += int(fields[13]) + int(fields[14])
+                cpu += ticks / _CLK_TCK
+                for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                    if line.startswith("write_bytes:"):
+                        disk += int(line.split()[1])
+        return cpu, disk
+
+    def close(self, keep_log: Path | None = None) -> None:
+        if self.cluster is not None:
+            if keep_log is not None:
+                with contextlib.suppress(OSError):
+                    shutil.copy(self.cluster.base / "server.log", keep_log)
+            self.cluster.stop()  # pg_ctl stop -m fast, then the folder is removed
+            self.cluster = None
+            return
+        for db in self.created:
+            with contextlib.suppress(Exception):
+                self._admin(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        self.created = []
+
+
+def write_config(path: Path, port: int, vela_url: str, db: Path | str, log_level: str) -> Path:
+    """``db``: the SQLite file, or a ``postgresql://`` URL."""
+    queue_url = db if isinstance(db, str) else "sqlite:///" + str(db)
     path.write_text(
         "[server]\n"
         f'host = "127.0.0.1"\nport = {port}\n\n'
@@ -291,7 +455,7 @@ def write_config(path: Path, port: int, vela_url: str, db: Path, log_level: str)
         "[vela]\n"
         f"url = {json.dumps(vela_url)}\ntoken = {json.dumps(VELA_TOKEN)}\n\n"
         "[queue]\n"
-        f"url = {json.dumps('sqlite:///' + str(db))}\n\n"
+        f"url = {json.dumps(queue_url)}\n\n"
         "[log]\n"
         f'level = {json.dumps(log_level)}\nformat = "json"\n'
     )
@@ -301,12 +465,13 @@ def write_config(path: Path, port: int, vela_url: str, db: Path, log_level: str)
 # -- pre-filling a queue through the bridge's own queue API ---------------------------------------
 
 
-async def _prefill(db: Path, bodies: list[bytes], count: int, tag: str) -> None:
+async def _prefill(db: Path | str, bodies: list[bytes], count: int, tag: str) -> None:
     from bridge.convert import Policy, convert
     from bridge.intake import _delivery  # what intake stores, built the way intake builds it
     from bridge.queue import open_queue
 
-    queue = await open_queue(f"sqlite:///{db}", lease_seconds=60, retention_days=14)
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
+    queue = await open_queue(url, lease_seconds=60, retention_days=14)
     conversions = [convert("push", json.loads(body), Policy()) for body in bodies]
     try:
         chunk = 2048
@@ -330,7 +495,7 @@ async def _prefill(db: Path, bodies: list[bytes], count: int, tag: str) -> None:
         await queue.close()
 
 
-def prefill(db: Path, bodies: list[bytes], count: int, tag: str) -> float:
+def prefill(db: Path | str, bodies: list[bytes], count: int, tag: str) -> float:
     started = time.monotonic()
     asyncio.run(_prefill(db, bodies, count, tag))
     return time.monotonic() - started
@@ -360,6 +525,7 @@ class Bench:
         self.data = write_bodies(self.workdir / "bodies", self.bodies)
         self.results_dir = Path(args.out).parent
         self._round_no = 0
+        self.pg: Postgres | None = None  # --queue postgres: the server, set up by run()
 
     # -- plumbing
 
@@ -368,7 +534,16 @@ class Bench:
         self.services.append(service)
         return service
 
-    def _bridge(self, name: str, vela_url: str, db: Path) -> Service:
+    def _queue_for(self, name: str) -> tuple[Path | str, QueueFile | PostgresQueueDb]:
+        """A fresh queue for one bridge: a SQLite file in its own folder, or a new database."""
+        if self.pg is not None:
+            url = self.pg.create_database(name)
+            return url, PostgresQueueDb(url)
+        db = self.workdir / name / "queue.db"
+        db.parent.mkdir()
+        return db, QueueFile(db)
+
+    def _bridge(self, name: str, vela_url: str, db: Path | str) -> Service:
         port = _free_port()
         config = write_config(
             self.workdir / f"{name}.toml", port, vela_url, db, self.args.log_level
@@ -380,6 +555,13 @@ class Bench:
         for service in reversed(self.services):
             with contextlib.suppress(Exception):
                 service.stop()
+        if self.pg is not None:
+            keep_log = self.workdir / "postgres.log" if self.args.keep else None
+            try:
+                self.pg.close(keep_log)
+            except Exception as exc:
+                print(f"PostgreSQL cleanup failed: {exc}", file=sys.stderr)
+            self.pg = None
         if self.args.keep:
             print(f"kept: {self.workdir}", file=sys.stderr)
         else:
@@ -407,9 +589,11 @@ class Bench:
             prefix,
         ]
         cpu0, disk0 = target.cpu_seconds(), target.disk_written()
+        db0 = self.pg.usage() if self.pg is not None else None
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
         cpu = target.cpu_seconds() - cpu0
         disk = target.disk_written() - disk0
+        db1 = self.pg.usage() if self.pg is not None else None
         for line in done.stdout.splitlines():
             if line.startswith("BENCH_RESULT "):
                 result: dict[str, Any] = json.loads(line.removeprefix("BENCH_RESULT "))
@@ -419,6 +603,15 @@ class Bench:
         seconds = result["duration_us"] / 1e6
         lat = result["latency_us"]
         errors = result["errors"]
+        extra: dict[str, Any] = {}
+        if db0 is not None and db1 is not None and self.pg is not None and self.pg.cluster:
+            # The throwaway cluster's own work, for this round (and any forwarding in it).
+            n = max(1, result["requests"])
+            extra = {
+                "db_server_cpu_s": round(db1[0] - db0[0], 2),
+                "db_server_cpu_us_per_request": round((db1[0] - db0[0]) / n * 1e6, 1),
+                "db_server_disk_kb_per_request": round((db1[1] - db0[1]) / n / 1024, 1),
+            }
         return {
             "prefix": prefix,
             "seconds": round(seconds, 3),
@@ -440,10 +633,15 @@ class Bench:
             "server_cpu_s": round(cpu, 2),
             "server_cpu_us_per_request": round(cpu / max(1, result["requests"]) * 1e6, 1),
             "server_disk_kb_per_request": round(disk / max(1, result["requests"]) / 1024, 1),
+            **extra,
         }
 
     def wait_drained(
-        self, vela: Vela, queue: QueueFile, offset: int, timeout: float = 180.0
+        self,
+        vela: Vela,
+        queue: QueueFile | PostgresQueueDb,
+        offset: int,
+        timeout: float = 180.0,
     ) -> tuple[float, int, int]:
         """Seconds until the fake Vela has every job of ``queue``; the jobs and unique GUIDs."""
         started = time.monotonic()
@@ -504,6 +702,10 @@ class Bench:
         a = self.args
         py = a.python
         started = time.monotonic()
+        if a.queue == "postgres":
+            self.say("PostgreSQL: " + ("--queue-url" if a.queue_url else "starting a cluster"))
+            self.pg = Postgres(a.queue_url)
+            self.extra["postgres"] = self.pg.info()
         vela_port = _free_port()
         vela: Vela = self._service(
             "fake-vela",
@@ -524,10 +726,8 @@ class Bench:
             "baseline", [py, str(BENCH / "baseline.py"), "--port", str(base_port)], base_port
         )
         baseline.start()
-        main_db = self.workdir / "main" / "queue.db"
-        main_db.parent.mkdir()
+        main_db, queue = self._queue_for("main")
         bridge = self._bridge("bridge", vela.url, main_db).start()
-        queue = QueueFile(main_db)
         self.say(
             f"bridge pid {bridge.pid}, baseline pid {baseline.pid}, fake Vela pid {vela.pid};"
             f" {len(self.bodies)} bodies of {len(self.bodies[0])} bytes; workdir {self.workdir}"
@@ -595,8 +795,8 @@ class Bench:
     def standing_drain(self, vela: Vela) -> None:
         """A queue already holding ``--standing`` deliveries, forwarded with no intake at all."""
         count = self.args.standing
-        db = self.workdir / "standing" / "queue.db"
-        db.parent.mkdir()
+        db, reader = self._queue_for("standing")
+        reader.close()
         self.say(f"standing drain: queueing {count} deliveries")
         prefill(db, self.bodies, count, f"{self.run_id}-standing")
         offset = vela.stats()["unique"]
@@ -640,16 +840,22 @@ class Bench:
         """Intake with Vela down: an empty queue vs one already holding ``--backlog``."""
         a = self.args
         down = f"http://127.0.0.1:{_free_port()}"  # nothing listens: connection refused
-        full_db = self.workdir / "full" / "queue.db"
-        full_db.parent.mkdir()
-        empty_db = self.workdir / "empty" / "queue.db"
-        empty_db.parent.mkdir()
+        full_db, reader = self._queue_for("full")
+        reader.close()
+        empty_db, reader = self._queue_for("empty")
+        reader.close()
         self.say(f"backlog: queueing {a.backlog} deliveries (Vela down)")
         took = prefill(full_db, self.bodies, a.backlog, f"{self.run_id}-backlog")
         self.extra["backlog_prefill"] = {
             "deliveries": a.backlog,
             "seconds": round(took, 1),
-            "db_mb": round(full_db.stat().st_size / 2**20, 1),
+            "db_mb": (
+                round(full_db.stat().st_size / 2**20, 1)
+                if isinstance(full_db, Path)
+                else self.pg.database_mb(full_db)
+                if self.pg is not None
+                else None
+            ),
         }
         empty = self._bridge("bridge-empty", down, empty_db).start()
         full = self._bridge("bridge-full", down, full_db).start()
@@ -725,6 +931,15 @@ class Bench:
                 "disk_kb_per_delivery"
             ),
         }
+        if a.queue == "postgres":
+            # The bridge's own CPU/disk figures above leave out the database server's work.
+            summary["db_server_cpu_us_per_request"] = med("bridge", "db_server_cpu_us_per_request")
+            summary["db_server_disk_kb_per_request"] = med(
+                "bridge", "db_server_disk_kb_per_request"
+            )
+            summary["vela_down_db_server_cpu_us_per_request"] = med(
+                "backlog_empty", "db_server_cpu_us_per_request"
+            )
         targets = []
         for name, op, target, text in TARGETS:
             value = summary.get(name)
@@ -736,6 +951,7 @@ class Bench:
             "meta": {
                 "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "mode": "quick" if a.quick else "full",
+                "queue": a.queue,
                 "rounds": a.rounds,
                 "round_seconds": a.duration,
                 "connections": a.connections,
@@ -800,7 +1016,8 @@ def _print_table(report: dict[str, Any]) -> None:
     s = report["summary"]
     m = report["meta"]
     print(
-        f"\nvela-bridge benchmark ({m['mode']}: {m['rounds']}×{m['round_seconds']:g} s,"
+        f"\nvela-bridge benchmark ({m['queue']} queue, {m['mode']}:"
+        f" {m['rounds']}×{m['round_seconds']:g} s,"
         f" {m['connections']} connections, {m['body_bytes']} B bodies, {m['lanes']} lanes)"
     )
     rows = [
@@ -825,6 +1042,16 @@ def _print_table(report: dict[str, Any]) -> None:
         ("disk KB/request (intake+forward)", s["bridge_disk_kb_per_request"], ""),
         ("disk KB/forward, standing drain", s["drain_disk_kb_per_delivery"], ""),
     ]
+    if "db_server_cpu_us_per_request" in s:
+        rows += [
+            ("PostgreSQL CPU µs/request (intake+fwd)", s["db_server_cpu_us_per_request"], ""),
+            (
+                "PostgreSQL CPU µs/request, Vela down",
+                s["vela_down_db_server_cpu_us_per_request"],
+                "",
+            ),
+            ("PostgreSQL disk KB/request", s["db_server_disk_kb_per_request"], ""),
+        ]
     for t in report["targets"]:
         mark = {True: "ok", False: "MISSED", None: "n/a"}[t["ok"]]
         rows.append((t["what"], t["value"], mark))
