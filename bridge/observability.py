@@ -19,7 +19,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from bridge.config import LogConfig
 
 # Attributes every LogRecord has; anything else came in through extra=.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# uvicorn adds color_message (the message with ANSI colours): not for a log file.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:
