@@ -28,6 +28,7 @@ from bridge.vela import VelaClient
 log = logging.getLogger("bridge.app")
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+FORWARD_CONCURRENCY = 64  # requests to Vela in flight at most (and pooled connections)
 _PURGE_INTERVAL_SECONDS = 3600.0
 
 
@@ -57,7 +58,7 @@ def create_app(config: Config) -> Starlette:
             config.vela.url,
             config.vela.token,
             timeout=config.vela.timeout_seconds,
-            connections=64,
+            connections=FORWARD_CONCURRENCY,
         )
         await vela.open()
         talkback = github.start(config.github, state.queue)
@@ -65,7 +66,7 @@ def create_app(config: Config) -> Starlette:
             state.queue,
             vela,
             config.retry,
-            concurrency=64,
+            concurrency=FORWARD_CONCURRENCY,
             probe_seconds=config.vela.auth_retry_seconds,
             on_settled=talkback.on_settled,
         )
@@ -81,6 +82,8 @@ def create_app(config: Config) -> Starlette:
             yield
         finally:
             purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
             await state.forwarder.stop(SHUTDOWN_GRACE_SECONDS)
             await talkback.close()
             await vela.close()
