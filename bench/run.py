@@ -343,11 +343,11 @@ class Postgres:
     """
 
     def __init__(self, url: str | None) -> None:
+        from tests.pg import PostgresServer, _bindir, _Cluster
+
         self.cluster: Any = None
         self.created: list[str] = []
         if url is None:
-            from tests.pg import _bindir, _Cluster
-
             bindir = _bindir()
             if bindir is None:
                 raise RuntimeError(
@@ -356,29 +356,15 @@ class Postgres:
             self.cluster = _Cluster(bindir)
         try:
             self.admin_url = url if url is not None else self.cluster.start()
-            self._wait()
+            self.server = PostgresServer(self.admin_url)
+            self.server.wait()
         except BaseException:
             if self.cluster is not None:
                 self.cluster.stop()  # removes the folder too
             raise
 
     def _admin(self, sql: str) -> Any:
-        import psycopg
-
-        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
-            cur = conn.execute(sql)
-            return cur.fetchall() if cur.description is not None else None
-
-    def _wait(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._admin("SELECT 1")
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        return self.server._admin(sql)
 
     def create_database(self, name: str) -> str:
         db = f"vb_bench_{name}_{uuid.uuid4().hex[:8]}".replace("-", "_")

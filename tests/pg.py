@@ -40,11 +40,25 @@ class PostgresServer:
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
 
-    def _admin(self, sql: str) -> None:
+    def _admin(self, sql: str) -> Any:
+        """Run one statement on the admin database; its rows, if it returns any."""
         import psycopg
 
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(sql)
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+            cur = conn.execute(sql)
+            return cur.fetchall() if cur.description is not None else None
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Until the server answers (a cluster just started takes a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._admin("SELECT 1")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def create_database(self) -> str:
         """A new empty database; its URL."""
@@ -145,22 +159,10 @@ def postgres_server() -> Iterator[PostgresServer]:
     cluster = _Cluster(bindir)
     try:
         server = PostgresServer(cluster.start())
-        _wait(server)
+        server.wait()
         yield server
     finally:
         cluster.stop()
-
-
-def _wait(server: PostgresServer, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            server._admin("SELECT 1")
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 @pytest.fixture
