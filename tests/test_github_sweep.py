@@ -25,6 +25,7 @@ from tests.fakes.github import (
     FakeGitHub,
     app_config,
     app_key,
+    new_key,
     org_hook,
     repo_hook,
 )
@@ -277,15 +278,7 @@ def test_an_unreachable_github_is_an_error_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_a_jwt_from_another_key_is_refused_by_the_fake(github: FakeGitHub, tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = other.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    pem = new_key()[0]  # not the key the fake checks JWTs against
     github.add_delivery(PUSH, status_code=0)
 
     async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:

@@ -48,9 +48,8 @@ TOKEN = "ghp_token-mode-token"
 APP_HOOK = "app"
 
 
-@functools.cache
-def app_key() -> tuple[str, str]:
-    """A throwaway RSA key for the test App, one per session: (private PEM, public PEM)."""
+def new_key() -> tuple[str, str]:
+    """A fresh throwaway RSA key: (private PEM, public PEM)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -63,6 +62,12 @@ def app_key() -> tuple[str, str]:
         .decode()
     )
     return private, public
+
+
+@functools.cache
+def app_key() -> tuple[str, str]:
+    """The test App's key, one per session: (private PEM, public PEM)."""
+    return new_key()
 
 
 def repo_hook(repo: str, hook_id: int) -> str:
