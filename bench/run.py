@@ -262,6 +262,12 @@ class Service:
         fields = stat.rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
+    def main_thread_cpu_seconds(self) -> float:
+        """User + system CPU time of the main thread (the event loop) alone."""
+        stat = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
@@ -575,9 +581,11 @@ class Bench:
             prefix,
         ]
         cpu0, disk0 = target.cpu_seconds(), target.disk_written()
+        main0 = target.main_thread_cpu_seconds()
         db0 = self.pg.usage() if self.pg is not None else None
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
         cpu = target.cpu_seconds() - cpu0
+        main_cpu = target.main_thread_cpu_seconds() - main0
         disk = target.disk_written() - disk0
         db1 = self.pg.usage() if self.pg is not None else None
         for line in done.stdout.splitlines():
@@ -618,6 +626,9 @@ class Bench:
             "mean_ms": round(lat["mean"] / 1000, 3),
             "server_cpu_s": round(cpu, 2),
             "server_cpu_us_per_request": round(cpu / max(1, result["requests"]) * 1e6, 1),
+            "server_main_thread_cpu_us_per_request": round(
+                main_cpu / max(1, result["requests"]) * 1e6, 1
+            ),
             "server_disk_kb_per_request": round(disk / max(1, result["requests"]) / 1024, 1),
             **extra,
         }
@@ -907,6 +918,9 @@ class Bench:
             "rss_peak_mb_main": main.get("bridge_memory_mb", {}).get("VmHWM"),
             "bridge_cpu_us_per_request": med("bridge", "server_cpu_us_per_request"),
             "baseline_cpu_us_per_request": med("baseline", "server_cpu_us_per_request"),
+            "bridge_main_thread_cpu_us_per_request": med(
+                "bridge", "server_main_thread_cpu_us_per_request"
+            ),
             "bridge_disk_kb_per_request": med("bridge", "server_disk_kb_per_request"),
             "vela_down_cpu_us_per_request": med("backlog_empty", "server_cpu_us_per_request"),
             "vela_down_disk_kb_per_request": med("backlog_empty", "server_disk_kb_per_request"),
@@ -1023,6 +1037,7 @@ def _print_table(report: dict[str, Any]) -> None:
         ("accepted/s Vela down, backlog queued", s["backlog_full_accepted_per_s"], ""),
         ("server CPU µs/request baseline", s["baseline_cpu_us_per_request"], ""),
         ("bridge CPU µs/request (intake+forward)", s["bridge_cpu_us_per_request"], ""),
+        ("  of which the event loop's thread", s["bridge_main_thread_cpu_us_per_request"], ""),
         ("bridge CPU µs/request, Vela down", s["vela_down_cpu_us_per_request"], ""),
         ("bridge CPU µs/forward, standing drain", s["drain_cpu_us_per_delivery"], ""),
         ("disk KB/request (intake+forward)", s["bridge_disk_kb_per_request"], ""),

@@ -188,6 +188,46 @@ def test_concurrent_adds_share_commits(url: str) -> None:
     assert made < adds / 5, f"{made} commits for {adds} concurrent deliveries"
 
 
+def test_one_batch_numbers_in_order_and_heads_each_new_lane_once(url: str) -> None:
+    """Adds gathered together share a batch (SQLite: one bulk insert per table)."""
+
+    async def main(q: Queue) -> tuple[list[Added], list[int | None], list[str]]:
+        results = await asyncio.gather(
+            q.add(delivery("a1", repo="Octo/App", lane="x")),
+            q.add(delivery("b1", repo="other/repo", lane="y")),
+            q.add(delivery("a1", repo="Octo/App", lane="x")),  # a duplicate in the same batch
+            q.add(delivery("a2", repo="octo/app", lane="x")),
+            q.add(delivery("s1", repo="Octo/App", jobs=0)),
+            q.add(delivery("a3", repo="OCTO/APP", lane="y")),
+        )
+        stored = [await q.delivery(g) for g in ("a1", "a2", "s1", "a3", "b1")]
+        claimed = await q.claim(10, time.time())
+        return results, [d.number for d in stored if d is not None], [c.guid for c in claimed]
+
+    results, numbers, claimed = run(main, url)
+    q, dup, skipped = Added.QUEUED, Added.DUPLICATE, Added.SKIPPED
+    assert results == [q, q, dup, q, skipped, q]
+    assert numbers == [1, 2, 3, 4, 1]
+    assert sorted(claimed) == ["a1", "b1"]  # one head per lane, the oldest
+
+
+def test_a_delivery_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
+    """SQLite: one bad row makes the bulk insert fail; the batch is run again item by item."""
+    bad = dataclasses.replace(delivery("bad"), payload=object())  # SQLite cannot bind it
+
+    async def main(q: Queue) -> tuple[list[Any], list[int | None]]:
+        results = await asyncio.gather(
+            q.add(delivery("ok1")), q.add(bad), q.add(delivery("ok2")), return_exceptions=True
+        )
+        stored = [await q.delivery(g) for g in ("ok1", "bad", "ok2")]
+        return results, [None if d is None else d.number for d in stored]
+
+    results, numbers = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert results[0] is Added.QUEUED and results[2] is Added.QUEUED
+    assert isinstance(results[1], QueueUnavailable)
+    assert numbers == [1, None, 2]  # the failed one took no number
+
+
 def test_retention_drops_bodies_then_rows_keeping_guids_a_week(url: str) -> None:
     now = time.time()
 

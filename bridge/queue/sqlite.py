@@ -31,7 +31,7 @@ from bridge.queue import (
     Settlement,
 )
 from bridge.queue import _sqlite_history as history
-from bridge.queue._sqlite_rows import ACTIVE_SQL, insert_job, promote, refresh_delivery
+from bridge.queue._sqlite_rows import ACTIVE_SQL, promote, refresh_delivery
 from bridge.queue._writer import Writer
 from bridge.states import FINISHED, JobState, check, delivery_status
 
@@ -159,7 +159,7 @@ class SQLiteQueue:
         """Open (creating) the file, take the one-process lock, release stale claims."""
         file = Path(path)
         lock = _lock(file)
-        writer = Writer(lambda: _connect(file), file)
+        writer = Writer(lambda: _connect(file), file, _add_many)
         try:
             writer.start()
         except (sqlite3.Error, OSError) as exc:
@@ -172,7 +172,8 @@ class SQLiteQueue:
         return queue
 
     async def add(self, delivery: NewDelivery) -> Added:
-        return await self._writer.run(lambda conn: _add(conn, delivery))
+        added: Added = await self._writer.add(delivery)  # the bulk call: _add_many
+        return added
 
     async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
         return await self._writer.run(lambda conn: _claim(conn, limit, now, now + self._lease))
@@ -325,47 +326,118 @@ def _connect(file: Path) -> sqlite3.Connection:
     return conn
 
 
-def _add(conn: sqlite3.Connection, d: NewDelivery) -> Added:
-    if conn.execute("SELECT 1 FROM deliveries WHERE guid = ?", (d.guid,)).fetchone():
-        return Added.DUPLICATE
-    repo_key = d.repo.lower()
-    number = None
-    if repo_key:
-        number = conn.execute(
-            "INSERT INTO repos (key, last_number) VALUES (?, 1)"
-            " ON CONFLICT (key) DO UPDATE SET last_number = last_number + 1"
-            " RETURNING last_number",
-            (repo_key,),
-        ).fetchone()[0]
-    skipped = not d.jobs
-    status = delivery_status([JobState.PENDING] * len(d.jobs))
-    delivery_id = conn.execute(
-        "INSERT INTO deliveries (guid, repo, repo_key, number, github_event, action, event,"
+def _add_many(conn: sqlite3.Connection, batch: Sequence[NewDelivery]) -> list[Added]:
+    """Store a batch of deliveries with a handful of statements, whatever its size.
+
+    Intake's hot path: one statement per table for the whole batch (``executemany``)
+    rather than seven per delivery. Row ids are assigned here, as SQLite would assign
+    them (the largest plus one): the writer's transaction is the only one.
+    """
+    marks = ", ".join("?" * len(batch))
+    seen = {
+        r[0]
+        for r in conn.execute(
+            f"SELECT guid FROM deliveries WHERE guid IN ({marks})", [d.guid for d in batch]
+        )
+    }
+    results: list[Added] = []
+    fresh: list[NewDelivery] = []
+    for d in batch:
+        if d.guid in seen:
+            results.append(Added.DUPLICATE)
+            continue
+        seen.add(d.guid)
+        fresh.append(d)
+        results.append(Added.QUEUED if d.jobs else Added.SKIPPED)
+    if not fresh:
+        return results
+    numbers = _numbers(conn, [d.repo.lower() for d in fresh])
+    active = _active_lanes(conn, {job.lane for d in fresh for job in d.jobs})
+    delivery_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM deliveries").fetchone()[0]
+    job_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
+    pending = delivery_status([JobState.PENDING])
+    deliveries, data, jobs, bodies = [], [], [], []
+    for d, number in zip(fresh, numbers, strict=True):
+        delivery_id += 1
+        at = d.received_at
+        deliveries.append(
+            (
+                delivery_id, d.guid, d.repo, d.repo.lower(), number, d.github_event, d.action,
+                d.event, pending if d.jobs else delivery_status([]), d.skip or "", at, at,
+                None if d.jobs else at,
+            )
+        )  # fmt: skip
+        data.append((delivery_id, orjson.dumps(d.summary), d.payload))
+        for index, job in enumerate(d.jobs, start=1):
+            job_id += 1
+            head = job.lane not in active
+            active.add(job.lane)
+            jobs.append(
+                (
+                    job_id, delivery_id, index, job.endpoint, job.org, job.repo, job.path,
+                    job.lane, int(head), at, at,
+                )
+            )  # fmt: skip
+            bodies.append((job_id, job.body, job.fallback))
+    conn.executemany(
+        "INSERT INTO deliveries (id, guid, repo, repo_key, number, github_event, action, event,"
         " status, error, created_at, enqueued_at, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            d.guid,
-            d.repo,
-            repo_key,
-            number,
-            d.github_event,
-            d.action,
-            d.event,
-            status,
-            d.skip or "",
-            d.received_at,
-            d.received_at,
-            d.received_at if skipped else None,
-        ),
-    ).lastrowid
-    assert delivery_id is not None
-    conn.execute(
-        "INSERT INTO delivery_data (delivery_id, summary, payload) VALUES (?, ?, ?)",
-        (delivery_id, orjson.dumps(d.summary), d.payload),
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        deliveries,
     )
-    for index, job in enumerate(d.jobs, start=1):
-        insert_job(conn, delivery_id, index, job, d.received_at)
-    return Added.SKIPPED if skipped else Added.QUEUED
+    conn.executemany(
+        "INSERT INTO delivery_data (delivery_id, summary, payload) VALUES (?, ?, ?)", data
+    )
+    conn.executemany(
+        "INSERT INTO jobs (id, delivery_id, number, state, endpoint, org, repo, path,"
+        " lane, head, next_attempt_at, enqueued_at)"
+        " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+        jobs,
+    )
+    conn.executemany("INSERT INTO job_bodies (job_id, body, fallback) VALUES (?, ?, ?)", bodies)
+    return results
+
+
+def _numbers(conn: sqlite3.Connection, repo_keys: list[str]) -> list[int | None]:
+    """The next build numbers of each repository, one per delivery, in order (None: no repo)."""
+    wanted: dict[str, int] = {}
+    for key in repo_keys:
+        if key:
+            wanted[key] = wanted.get(key, 0) + 1
+    following: dict[str, int] = {}
+    for key, count in wanted.items():
+        last = conn.execute(
+            "INSERT INTO repos (key, last_number) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET last_number = last_number + excluded.last_number"
+            " RETURNING last_number",
+            (key, count),
+        ).fetchone()[0]
+        following[key] = last - count + 1
+    numbers: list[int | None] = []
+    for key in repo_keys:
+        if not key:
+            numbers.append(None)
+            continue
+        numbers.append(following[key])
+        following[key] += 1
+    return numbers
+
+
+def _active_lanes(conn: sqlite3.Connection, lanes: set[str]) -> set[str]:
+    """The lanes among ``lanes`` that already have an active job (and so a head)."""
+    if not lanes:
+        return set()
+    # One probe of the jobs_lane index per lane (EXISTS stops at the first active job).
+    values = ", ".join(["(?)"] * len(lanes))
+    return {
+        r[0]
+        for r in conn.execute(
+            f"WITH wanted (lane) AS (VALUES {values}) SELECT lane FROM wanted"
+            f" WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.lane = wanted.lane"
+            f" AND j.state IN {ACTIVE_SQL})",
+            list(lanes),
+        )
+    }
 
 
 def _claim(
