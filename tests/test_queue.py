@@ -735,6 +735,45 @@ def test_a_failed_sync_is_a_failed_add(tmp_path: Path, monkeypatch: pytest.Monke
     run(main, f"sqlite:///{tmp_path / 'q.db'}")
 
 
+def test_the_next_batch_commits_while_one_syncs_and_fails_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: group commit is pipelined. A batch commits while the one before it syncs,
+    and is answered only after that sync; if it fails, the batch behind it fails too
+    (its log follows the part that may be lost). Later batches stand on their own sync."""
+    import os
+    import threading
+
+    real = os.fdatasync
+    release = threading.Event()
+    calls: list[int] = []
+
+    def first_sync_fails(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            release.wait(5)
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    async def main(q: Any) -> tuple[list[Any], int, Added]:
+        monkeypatch.setattr(os, "fdatasync", first_sync_fails)
+        first = asyncio.ensure_future(q.add(delivery("a")))
+        while not calls:  # the first batch is committed and its sync has begun
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(q.add(delivery("b")))
+        while commits(q) < 2:  # the second batch commits without waiting for that sync
+            await asyncio.sleep(0.005)
+        committed_meanwhile = commits(q)
+        release.set()
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        return results, committed_meanwhile, await q.add(delivery("c"))
+
+    results, committed_meanwhile, later = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert committed_meanwhile == 2
+    assert all(isinstance(r, QueueUnavailable) for r in results), results
+    assert later is Added.QUEUED
+
+
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:
     """SQLite: an attempt that could not settle does not hold its lane past its lease."""
 

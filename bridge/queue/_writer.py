@@ -4,27 +4,33 @@ Callers submit small functions of the connection. A committer task runs every
 function waiting at that moment in one transaction on the event loop's thread
 (SQLite statements on a page-cached file take microseconds), commits, and then
 makes the transaction durable with one ``fdatasync`` of the write-ahead log in a
-worker thread before it resolves the callers' futures. While that sync runs, new
-calls gather into the next batch: concurrent deliveries share one commit and one
-sync, and none is acknowledged before the sync that covers it (interface.md: a
-2xx survives a power cut). New deliveries, the bulk of the traffic, are not
-functions but items for one *bulk* call per batch, which stores them all with a
-statement per table (``executemany``) instead of seven statements each.
+worker thread before it resolves the callers' futures. Concurrent deliveries share
+one commit and one sync, and none is acknowledged before the sync that covers it
+(interface.md: a 2xx survives a power cut). New deliveries, the bulk of the
+traffic, are not functions but items for one *bulk* call per batch, which stores
+them all with a statement per table (``executemany``) instead of seven each.
+
+The commit is pipelined: while one batch's sync runs, the next batch's statements
+and commit already run (at most ``_SYNC_DEPTH`` batches wait for their sync). The
+syncs run in order on one thread, and a batch is answered only after the batch
+before it, so an answer never overtakes the sync it depends on; a failed sync fails
+its batch and the batch committed behind it.
 
 Why not ``synchronous=FULL`` on a writer thread: that syncs inside COMMIT, so the
 statements had to run on a thread of their own, and handing every delivery to it
 and back, with two busy threads trading the GIL, cost as much as the SQL itself
 (bench/). Handing over whole batches instead (statements, commit and sync on the
 thread) was measured too: fewer deliveries per second, not more, as the thread's
-Python half still waits for the loop's GIL. Here the connection runs ``synchronous=NORMAL`` (SQLite writes the WAL
-at each commit and syncs it only at checkpoints) and the bridge adds the sync per
-batch. Checkpoints run on their own connection in another thread, so the loop
-never waits for the database file's sync either.
+Python half still waits for the loop's GIL. Here the connection runs
+``synchronous=NORMAL`` (SQLite writes the WAL at each commit and syncs it only at
+checkpoints) and the bridge adds the sync per batch. Checkpoints run on their own
+connection in another thread, so the loop never waits for the database file's sync.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import sqlite3
@@ -43,6 +49,9 @@ Result = tuple["asyncio.Future[Any]", Any, BaseException | None]
 Call = tuple[Any, "asyncio.Future[Any]"]  # an Op, or an item for the bulk call, and its future
 
 _MAX_BATCH = 512
+# Batches committed whose sync has not finished: the next batch's statements and commit
+# run while the previous batch's fdatasync does (pipelined group commit).
+_SYNC_DEPTH = 2
 _CHECKPOINT_BYTES = 1024 * 1024  # checkpoint once the WAL has grown past this: small steps
 
 
@@ -113,12 +122,19 @@ class Writer:
 
     async def _commit_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        syncing: collections.deque[asyncio.Task[bool]] = collections.deque()
         while True:
+            while syncing and syncing[0].done():
+                syncing.popleft()
             if not self._pending and not self._items:
                 if self._stopping:
+                    await asyncio.gather(*syncing)
                     return
                 await self._wake.wait()
                 self._wake.clear()
+                continue
+            if len(syncing) >= _SYNC_DEPTH:
+                await asyncio.wait([syncing[0]])
                 continue
             batch = self._pending[:_MAX_BATCH]
             del self._pending[:_MAX_BATCH]
@@ -127,21 +143,13 @@ class Writer:
             assert self._conn is not None
             changes = self._conn.total_changes
             results = _commit(self._conn, batch, items, self._bulk)
+            sync = None
             if self._conn.total_changes != changes:
                 self.commits += 1
-                try:
-                    await loop.run_in_executor(self._sync, os.fdatasync, self._wal)
-                except OSError as exc:
-                    unsynced = QueueUnavailable(f"the queue could not sync its log: {exc}")
-                    results = [(future, None, unsynced) for future, _, _ in results]
+                sync = loop.run_in_executor(self._sync, os.fdatasync, self._wal)
                 self._maybe_checkpoint(loop)
-            for future, value, error in results:
-                if future.done():
-                    continue
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(value)
+            behind = syncing[-1] if syncing else None
+            syncing.append(loop.create_task(_answer(results, behind, sync)))
 
     def _maybe_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._checkpointing is not None and not self._checkpointing.done():
@@ -149,6 +157,31 @@ class Writer:
         if os.fstat(self._wal).st_size < _CHECKPOINT_BYTES:
             return
         self._checkpointing = loop.run_in_executor(self._checkpoints, _checkpoint, self._file)
+
+
+async def _answer(
+    results: list[Result], behind: asyncio.Task[bool] | None, sync: asyncio.Future[None] | None
+) -> bool:
+    """Resolve a batch's futures once it is durable: its own sync done, and the batch
+    before it answered. True when it was; a batch committed behind one whose sync failed
+    fails too, as its log follows the part that may be lost."""
+    error: QueueUnavailable | None = None
+    if behind is not None and not await behind:
+        error = QueueUnavailable("the queue could not sync its log (an earlier write failed)")
+    if sync is not None:
+        try:
+            await sync
+        except OSError as exc:
+            error = QueueUnavailable(f"the queue could not sync its log: {exc}")
+    for future, value, failure in results:
+        if future.done():
+            continue
+        problem = error or failure
+        if problem is not None:
+            future.set_exception(problem)
+        else:
+            future.set_result(value)
+    return error is None
 
 
 def _checkpoint(file: Path) -> None:
