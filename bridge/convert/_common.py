@@ -42,7 +42,7 @@ def _is_object(value: Any) -> bool:
 
 def _walk(obj: Any, keys: tuple[str, ...]) -> Any:
     for key in keys:
-        if not _is_object(obj):
+        if type(obj) is not dict and not isinstance(obj, Mapping):  # _is_object, inlined
             return None
         obj = obj.get(key)
     return obj
