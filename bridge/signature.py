@@ -29,7 +29,7 @@ def verify(header: bytes | None, body: bytes, secrets: Sequence[bytes]) -> bool:
     claimed = bytes.fromhex(header[7:].decode("ascii"))
     matched = False
     for secret in secrets:
-        digest = hmac.new(secret, body, hashlib.sha256).digest()
+        digest = hmac.digest(secret, body, "sha256")
         matched |= hmac.compare_digest(digest, claimed)
     return matched
 

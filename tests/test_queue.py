@@ -774,6 +774,32 @@ def test_the_next_batch_commits_while_one_syncs_and_fails_with_it(
     assert later is Added.QUEUED
 
 
+def test_the_log_stays_bounded_while_writes_never_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: past its size limit the write-ahead log is checkpointed whole, commits
+    waiting, so that it restarts and is cut back instead of growing without end."""
+    from bridge.queue import _writer
+
+    limit = 256 * 1024
+    monkeypatch.setattr(_writer, "_WAL_LIMIT", limit)
+    monkeypatch.setattr(_writer, "_CHECKPOINT_ROWS", 10**9)  # no routine checkpoints
+    wal = tmp_path / "q.db-wal"
+
+    async def main(q: Any) -> tuple[int, list[Added]]:
+        largest, results = 0, []
+        for chunk in range(20):
+            results += await asyncio.gather(
+                *(q.add(delivery(f"g{chunk}-{i}", lane=f"l{i}")) for i in range(100))
+            )
+            largest = max(largest, wal.stat().st_size)
+        return largest, results
+
+    largest, results = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert results == [Added.QUEUED] * 2000
+    assert largest < 2 * limit, f"the log reached {largest} bytes"
+
+
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:
     """SQLite: an attempt that could not settle does not hold its lane past its lease."""
 
