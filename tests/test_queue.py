@@ -211,6 +211,34 @@ def test_one_batch_numbers_in_order_and_heads_each_new_lane_once(url: str) -> No
     assert sorted(claimed) == ["a1", "b1"]  # one head per lane, the oldest
 
 
+def test_a_claim_marks_the_delivery_running_until_its_last_job_settles(url: str) -> None:
+    async def main(q: Queue) -> list[tuple[str, bool, bool]]:
+        await q.add(delivery("two", jobs=2, lane="x"))
+        seen = []
+
+        async def look() -> None:
+            d = await q.delivery("two")
+            assert d is not None
+            seen.append((d.status, d.started_at is not None, d.finished_at is not None))
+
+        await look()
+        now = time.time()
+        for _ in range(2):  # one job at a time: both are in lane x
+            [job] = await q.claim(10, now)
+            await look()
+            await q.settle(job.id, success(now), now)
+            await look()
+        return seen
+
+    assert run(main, url) == [
+        ("pending", False, False),
+        ("running", True, False),
+        ("running", True, False),  # the second job is still pending
+        ("running", True, False),
+        ("success", True, True),
+    ]
+
+
 def test_a_delivery_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     """SQLite: one bad row makes the bulk insert fail; the batch is run again item by item."""
     bad = dataclasses.replace(delivery("bad"), payload=object())  # SQLite cannot bind it

@@ -33,7 +33,7 @@ from bridge.queue import (
 from bridge.queue import _sqlite_history as history
 from bridge.queue._sqlite_rows import ACTIVE_SQL, promote, refresh_delivery
 from bridge.queue._writer import Writer
-from bridge.states import FINISHED, JobState, check, delivery_status
+from bridge.states import FINISHED, DeliveryStatus, JobState, check, delivery_status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -446,14 +446,23 @@ def _claim(
     rows = conn.execute(EXPIRED_SQL, (now, limit)).fetchall()
     if len(rows) < limit:
         rows += conn.execute(CLAIM_SQL, (now, limit - len(rows))).fetchall()
+    if not rows:
+        return []
+    conn.executemany(
+        "UPDATE jobs SET state = 'running', lease_until = ?, unclear = ?,"
+        " started_at = COALESCE(started_at, ?) WHERE id = ?",
+        [(lease_until, row[10], now, row[0]) for row in rows],
+    )
+    # A delivery with a running job is running, whatever its other jobs do (states.py),
+    # so the claimed jobs' deliveries need no look at their other jobs.
+    deliveries = sorted({row[13] for row in rows})
+    conn.execute(
+        "UPDATE deliveries SET status = ?, started_at = COALESCE(started_at, ?),"
+        f" finished_at = NULL WHERE id IN ({', '.join('?' * len(deliveries))})",
+        [DeliveryStatus.RUNNING, now, *deliveries],
+    )
     claimed = []
     for row in rows:
-        conn.execute(
-            "UPDATE jobs SET state = 'running', lease_until = ?, unclear = ?,"
-            " started_at = COALESCE(started_at, ?) WHERE id = ?",
-            (lease_until, row[10], now, row[0]),
-        )
-        refresh_delivery(conn, row[13], now)
         claimed.append(
             ClaimedJob(
                 id=row[0],
