@@ -73,8 +73,8 @@ class Writer:
         self._bulk = bulk
         self._conn: sqlite3.Connection | None = None
         self._wal = -1
-        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._items: list[tuple[Any, asyncio.Future[Any]]] = []  # for the bulk call
+        self._pending: list[Call] = []  # functions of the connection
+        self._items: list[Call] = []  # items for the bulk call
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -95,22 +95,21 @@ class Writer:
         self._task = asyncio.get_running_loop().create_task(self._commit_forever())
 
     def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        if self._conn is None or self._stopping:
-            raise QueueUnavailable("the SQLite queue is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        self._wake.set()
-        return future
+        """Queue ``op`` for the next batch; its future gets what it returns."""
+        return self._enqueue(self._pending, op)
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
         return await self.submit(op)
 
     def add(self, item: Any) -> asyncio.Future[Any]:
         """Queue ``item`` for the bulk call of the next batch; its future gets its result."""
+        return self._enqueue(self._items, item)
+
+    def _enqueue(self, waiting: list[Call], entry: Any) -> asyncio.Future[Any]:
         if self._conn is None or self._stopping:
             raise QueueUnavailable("the SQLite queue is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._items.append((item, future))
+        waiting.append((entry, future))
         self._wake.set()
         return future
 
