@@ -763,12 +763,13 @@ def test_a_failed_sync_is_a_failed_add(tmp_path: Path, monkeypatch: pytest.Monke
     run(main, f"sqlite:///{tmp_path / 'q.db'}")
 
 
-def test_the_next_batch_commits_while_one_syncs_and_fails_with_it(
+def test_the_next_batch_commits_while_one_syncs_and_a_failed_sync_stops_the_queue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite: group commit is pipelined. A batch commits while the one before it syncs,
-    and is answered only after that sync; if it fails, the batch behind it fails too
-    (its log follows the part that may be lost). Later batches stand on their own sync."""
+    and is answered only after that sync. A failed sync is fail-stop: the batch behind
+    it fails too, and so does everything after, even a redelivery that would otherwise
+    be a "duplicate" of a delivery whose sync failed, until the queue is reopened."""
     import os
     import threading
 
@@ -783,7 +784,7 @@ def test_the_next_batch_commits_while_one_syncs_and_fails_with_it(
             raise OSError(5, "Input/output error")
         real(fd)
 
-    async def main(q: Any) -> tuple[list[Any], int, Added]:
+    async def main(q: Any) -> tuple[list[Any], int, list[Any]]:
         monkeypatch.setattr(os, "fdatasync", first_sync_fails)
         first = asyncio.ensure_future(q.add(delivery("a")))
         while not calls:  # the first batch is committed and its sync has begun
@@ -794,12 +795,41 @@ def test_the_next_batch_commits_while_one_syncs_and_fails_with_it(
         committed_meanwhile = commits(q)
         release.set()
         results = await asyncio.gather(first, second, return_exceptions=True)
-        return results, committed_meanwhile, await q.add(delivery("c"))
+        later = await asyncio.gather(
+            q.add(delivery("a")), q.add(delivery("c")), q.ping(), return_exceptions=True
+        )
+        return results, committed_meanwhile, later
 
-    results, committed_meanwhile, later = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    results, committed_meanwhile, later = run(main, db)
     assert committed_meanwhile == 2
     assert all(isinstance(r, QueueUnavailable) for r in results), results
-    assert later is Added.QUEUED
+    assert all(isinstance(r, QueueUnavailable) for r in later), later
+    assert "restart" in str(later[0])
+
+    async def reopened(q: Any) -> Added:  # recovery: the log holds what it holds
+        return await q.add(delivery("c"))
+
+    assert run(reopened, db) is Added.QUEUED
+
+
+def test_a_committer_that_fails_fails_its_calls_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.queue import _writer
+
+    def bug(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async def main(q: Any) -> list[Any]:
+        monkeypatch.setattr(_writer, "_commit", bug)
+        first = await asyncio.gather(q.add(delivery("a")), return_exceptions=True)
+        await asyncio.sleep(0)  # the committer has ended
+        later = await asyncio.gather(q.add(delivery("b")), q.ping(), return_exceptions=True)
+        return first + later
+
+    results = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert all(isinstance(r, QueueUnavailable) for r in results), results
 
 
 def test_the_log_stays_bounded_while_writes_never_pause(

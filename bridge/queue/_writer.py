@@ -13,8 +13,9 @@ them all with a statement per table (``executemany``) instead of seven each.
 The commit is pipelined: while one batch's sync runs, the next batch's statements
 and commit already run (at most ``_SYNC_DEPTH`` batches wait for their sync). The
 syncs run in order on one thread, and a batch is answered only after the batch
-before it, so an answer never overtakes the sync it depends on; a failed sync fails
-its batch and the batch committed behind it.
+before it, so an answer never overtakes the sync it depends on. A failed sync is
+fail-stop: that batch, every batch behind it and every later call fail until a
+restart, when SQLite's recovery reads back what the log really holds.
 
 Why not ``synchronous=FULL`` on a writer thread: that syncs inside COMMIT, so the
 statements had to run on a thread of their own, and handing every delivery to it
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
@@ -44,6 +46,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.errors import QueueUnavailable
+
+log = logging.getLogger("bridge.queue")
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -82,6 +86,7 @@ class Writer:
         self._checkpoints = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
         self._checkpointing: asyncio.Future[None] | None = None
         self._checkpointed_at = 0  # total_changes when the last checkpoint began
+        self._broken: QueueUnavailable | None = None  # set for good by a failed sync
         self.commits = 0  # transactions committed: fewer than calls when batching works
 
     def start(self) -> None:
@@ -93,6 +98,7 @@ class Writer:
         wal = self._file.with_name(self._file.name + "-wal")
         self._wal = os.open(wal, os.O_RDWR | os.O_CREAT, 0o600)
         self._task = asyncio.get_running_loop().create_task(self._commit_forever())
+        self._task.add_done_callback(self._committer_ended)
 
     def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue ``op`` for the next batch; its future gets what it returns."""
@@ -106,6 +112,8 @@ class Writer:
         return self._enqueue(self._items, item)
 
     def _enqueue(self, waiting: list[Call], entry: Any) -> asyncio.Future[Any]:
+        if self._broken is not None:
+            raise QueueUnavailable(str(self._broken))
         if self._conn is None or self._stopping:
             raise QueueUnavailable("the SQLite queue is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -118,12 +126,13 @@ class Writer:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])  # a committer that died has failed its calls
         if self._checkpointing is not None:
             await self._checkpointing
         if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self._broken is None:  # after a failed sync the log is left to recovery
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             self._conn = None
         if self._wal >= 0:
@@ -134,10 +143,12 @@ class Writer:
 
     async def _commit_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        syncing: collections.deque[asyncio.Task[bool]] = collections.deque()
+        syncing: collections.deque[asyncio.Task[None]] = collections.deque()
         while True:
             while syncing and syncing[0].done():
                 syncing.popleft()
+            if self._broken is not None:
+                self._fail_waiting()
             if not self._pending and not self._items:
                 if self._stopping:
                     await asyncio.gather(*syncing)
@@ -156,14 +167,70 @@ class Writer:
             del self._items[:_MAX_BATCH]
             assert self._conn is not None
             changes = self._conn.total_changes
-            results = _commit(self._conn, batch, items, self._bulk)
+            try:
+                results = _commit(self._conn, batch, items, self._bulk)
+            except BaseException as exc:  # a bug: fail this batch, and the writer (below)
+                for _, future in batch + items:
+                    if not future.done():
+                        future.set_exception(QueueUnavailable(f"the queue failed: {exc!r}"))
+                raise
             sync = None
             if self._conn.total_changes != changes:
                 self.commits += 1
                 sync = loop.run_in_executor(self._sync, os.fdatasync, self._wal)
                 self._maybe_checkpoint(loop)
             behind = syncing[-1] if syncing else None
-            syncing.append(loop.create_task(_answer(results, behind, sync)))
+            syncing.append(loop.create_task(self._answer(results, behind, sync)))
+
+    async def _answer(
+        self,
+        results: list[Result],
+        behind: asyncio.Task[None] | None,
+        sync: asyncio.Future[None] | None,
+    ) -> None:
+        """Resolve a batch's futures once it is durable: its own sync done, and the batch
+        before it answered (so answers never overtake the syncs they depend on)."""
+        try:
+            if behind is not None:
+                await asyncio.wait([behind])
+            if sync is not None:
+                try:
+                    await sync
+                except OSError as exc:
+                    self._break(f"the queue could not sync its log: {exc}")
+        finally:
+            for future, value, failure in results:
+                problem = self._broken or failure
+                if future.done():
+                    continue
+                if problem is not None:
+                    future.set_exception(problem)
+                else:
+                    future.set_result(value)
+
+    def _break(self, why: str) -> None:
+        """Fail-stop: after a failed sync nothing in the log is known to be durable, and a
+        later sync succeeding proves nothing (Linux may have dropped the dirty pages), so
+        every call from now on fails, the health check with it, until a restart recovers
+        the log."""
+        if self._broken is None:
+            self._broken = QueueUnavailable(f"{why}; restart the bridge to recover the queue")
+            log.error("%s; the queue refuses all writes until the bridge restarts", why)
+
+    def _fail_waiting(self) -> None:
+        assert self._broken is not None
+        waiting = self._pending + self._items
+        self._pending.clear()
+        self._items.clear()
+        for _, future in waiting:
+            if not future.done():
+                future.set_exception(QueueUnavailable(str(self._broken)))
+
+    def _committer_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self._break(f"the queue's committer stopped: {task.exception()!r}")
+        self._fail_waiting()
 
     async def _catch_up(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hold commits while a checkpoint copies the whole log, so that it restarts."""
@@ -178,48 +245,23 @@ class Writer:
         if self._checkpointing is not None and not self._checkpointing.done():
             return
         assert self._conn is not None
-        behind = self._conn.total_changes - self._checkpointed_at
+        behind = (self._conn.total_changes - self._checkpointed_at) % (1 << 32)  # it wraps
         if behind < _CHECKPOINT_ROWS:
             return
         self._checkpointed_at = self._conn.total_changes
         self._checkpointing = loop.run_in_executor(self._checkpoints, _checkpoint, self._file)
 
 
-async def _answer(
-    results: list[Result], behind: asyncio.Task[bool] | None, sync: asyncio.Future[None] | None
-) -> bool:
-    """Resolve a batch's futures once it is durable: its own sync done, and the batch
-    before it answered. True when it was; a batch committed behind one whose sync failed
-    fails too, as its log follows the part that may be lost."""
-    error: QueueUnavailable | None = None
-    if behind is not None and not await behind:
-        error = QueueUnavailable("the queue could not sync its log (an earlier write failed)")
-    if sync is not None:
-        try:
-            await sync
-        except OSError as exc:
-            error = QueueUnavailable(f"the queue could not sync its log: {exc}")
-    for future, value, failure in results:
-        if future.done():
-            continue
-        problem = error or failure
-        if problem is not None:
-            future.set_exception(problem)
-        else:
-            future.set_result(value)
-    return error is None
-
-
 def _checkpoint(file: Path) -> None:
     """Copy the WAL back into the database (its own connection: it syncs the file)."""
-    conn = sqlite3.connect(file, isolation_level=None)
-    try:
+    # Never raises: the next one tries again, and a growing WAL costs disk, not
+    # correctness (the committer awaits this, so an exception would stop commits).
+    with (
+        contextlib.suppress(sqlite3.Error),
+        contextlib.closing(sqlite3.connect(file, isolation_level=None)) as conn,
+    ):
         conn.execute("PRAGMA busy_timeout = 1000")
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    except sqlite3.Error:
-        pass  # the next one tries again; a growing WAL costs disk, not correctness
-    finally:
-        conn.close()
 
 
 def _commit(
