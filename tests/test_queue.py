@@ -833,7 +833,7 @@ def test_a_committer_that_fails_fails_its_calls_instead_of_hanging(
 
 
 def test_the_log_stays_bounded_while_writes_never_pause(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SQLite: past its size limit the write-ahead log is checkpointed whole, commits
     waiting, so that it restarts and is cut back instead of growing without end."""
@@ -856,6 +856,7 @@ def test_the_log_stays_bounded_while_writes_never_pause(
     largest, results = run(main, f"sqlite:///{tmp_path / 'q.db'}")
     assert results == [Added.QUEUED] * 2000
     assert largest < 2 * limit, f"the log reached {largest} bytes"
+    assert any("commits wait for a checkpoint" in r.getMessage() for r in caplog.records)
 
 
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:

@@ -234,6 +234,10 @@ class Writer:
 
     async def _catch_up(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hold commits while a checkpoint copies the whole log, so that it restarts."""
+        log.warning(
+            "the SQLite write-ahead log passed %d MB: commits wait for a checkpoint",
+            _WAL_LIMIT // (1024 * 1024),
+        )
         if self._checkpointing is not None:
             await self._checkpointing
         assert self._conn is not None
