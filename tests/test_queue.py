@@ -722,6 +722,35 @@ def test_a_failing_call_does_not_undo_the_others_in_its_batch(url: str) -> None:
     assert isinstance(failed, NotFound)
 
 
+def test_a_refusal_before_any_write_does_not_run_its_batch_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: an operator's 404 amid a burst of deliveries costs the burst nothing: the
+    batch is rerun call by call (SAVEPOINTs) only when a failing call may have written."""
+    from bridge.queue import _writer
+
+    runs: list[bool] = []
+    real = _writer._run_batch
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        runs.append(kwargs.get("isolated", False))
+        return real(*args, **kwargs)
+
+    async def main(q: Any) -> list[Any]:
+        monkeypatch.setattr(_writer, "_run_batch", counted)
+        return await asyncio.gather(
+            *(q.add(delivery(f"g{i}")) for i in range(20)),
+            q.cancel("Octo/App", 99, 1, time.time()),  # no such build: NotFound
+            q.restart("Octo/App", 98, lambda payload: None, time.time()),  # NotFound too
+            return_exceptions=True,
+        )
+
+    *added, cancelled, restarted = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert added == [Added.QUEUED] * 20
+    assert isinstance(cancelled, NotFound) and isinstance(restarted, NotFound)
+    assert runs == [False], runs  # one run, not isolated
+
+
 def test_an_add_returns_only_after_its_batch_was_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

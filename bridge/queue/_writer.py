@@ -302,10 +302,15 @@ def _run_batch(
     conn.execute("BEGIN IMMEDIATE")
     for op, future in batch:
         if not isolated:
+            changes = conn.total_changes
             try:
                 results.append((future, op(conn), None))
-            except Exception as exc:  # run again, isolated
-                raise _OpFailed from exc
+            except Exception as exc:
+                if isinstance(exc, sqlite3.Error) or conn.total_changes != changes:
+                    raise _OpFailed from exc  # it may have written: undo, run again isolated
+                # A refusal before any write (NotFound, Conflict, IllegalTransition):
+                # nothing to undo, so the batch goes on without a second run.
+                results.append((future, None, exc))
             continue
         conn.execute("SAVEPOINT op")
         try:
