@@ -16,7 +16,7 @@ import orjson
 from bridge.errors import Conflict, NotFound
 from bridge.queue import Attempt, DeliveryRecord, JobRecord, Page, Reconvert
 from bridge.queue._records import DELIVERY_COLUMNS, JOB_COLUMNS, build_records
-from bridge.queue._sqlite_rows import insert_job, promote, refresh_delivery
+from bridge.queue._sqlite_rows import insert_jobs, promote, refresh_delivery
 from bridge.states import ACTIVE, FINISHED, JobState, check
 
 _DELIVERIES = "deliveries JOIN delivery_data ON delivery_id = id"
@@ -104,8 +104,9 @@ def restart(
         event = conn.execute(
             "SELECT event FROM deliveries WHERE id = ?", (delivery.id,)
         ).fetchone()[0]
-        for index, new_job in enumerate(converted, start=1):
-            insert_job(conn, delivery.id, index, new_job, now)
+        insert_jobs(
+            conn, [(delivery.id, i, new_job, now) for i, new_job in enumerate(converted, start=1)]
+        )
         if not event:
             conn.execute(
                 "UPDATE deliveries SET event = ? WHERE id = ?",

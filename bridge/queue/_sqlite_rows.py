@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from bridge.queue import NewJob
 from bridge.states import ACTIVE, JobState, delivery_status
@@ -10,29 +11,51 @@ from bridge.states import ACTIVE, JobState, delivery_status
 ACTIVE_SQL = "('pending', 'running', 'retrying')"
 
 
-def insert_job(
-    conn: sqlite3.Connection, delivery_id: int, number: int, job: NewJob, now: float
-) -> None:
-    """A new pending job; it heads its lane when no other job of the lane is active."""
-    head = (
-        conn.execute(
-            f"SELECT 1 FROM jobs WHERE lane = ? AND state IN {ACTIVE_SQL} LIMIT 1", (job.lane,)
-        ).fetchone()
-        is None
-    )
-    job_id = conn.execute(
-        "INSERT INTO jobs (delivery_id, number, state, endpoint, org, repo, path,"
+def insert_jobs(conn: sqlite3.Connection, new: Sequence[tuple[int, int, NewJob, float]]) -> None:
+    """New pending jobs, each ``(delivery id, number in its delivery, job, enqueued at)``,
+    in order, with one statement per table. A job heads its lane when no job of the lane
+    is active before it. Ids are assigned as SQLite would (the largest plus one): the
+    writer's transaction is the only one."""
+    if not new:
+        return
+    active = active_lanes(conn, {job.lane for _, _, job, _ in new})
+    job_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
+    rows, bodies = [], []
+    for delivery_id, number, job, at in new:
+        job_id += 1
+        head = job.lane not in active
+        active.add(job.lane)
+        rows.append(
+            (
+                job_id, delivery_id, number, job.endpoint, job.org, job.repo, job.path,
+                job.lane, int(head), at, at,
+            )
+        )  # fmt: skip
+        bodies.append((job_id, job.body, job.fallback))
+    conn.executemany(
+        "INSERT INTO jobs (id, delivery_id, number, state, endpoint, org, repo, path,"
         " lane, head, next_attempt_at, enqueued_at)"
-        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            delivery_id, number, job.endpoint, job.org, job.repo, job.path,
-            job.lane, int(head), now, now,
-        ),
-    ).lastrowid  # fmt: skip
-    conn.execute(
-        "INSERT INTO job_bodies (job_id, body, fallback) VALUES (?, ?, ?)",
-        (job_id, job.body, job.fallback),
+        " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
     )
+    conn.executemany("INSERT INTO job_bodies (job_id, body, fallback) VALUES (?, ?, ?)", bodies)
+
+
+def active_lanes(conn: sqlite3.Connection, lanes: set[str]) -> set[str]:
+    """The lanes among ``lanes`` that already have an active job (and so a head)."""
+    if not lanes:
+        return set()
+    # One probe of the jobs_lane index per lane (EXISTS stops at the first active job).
+    values = ", ".join(["(?)"] * len(lanes))
+    return {
+        r[0]
+        for r in conn.execute(
+            f"WITH wanted (lane) AS (VALUES {values}) SELECT lane FROM wanted"
+            f" WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.lane = wanted.lane"
+            f" AND j.state IN {ACTIVE_SQL})",
+            list(lanes),
+        )
+    }
 
 
 def promote(conn: sqlite3.Connection, job_id: int, lane: str) -> None:

@@ -240,20 +240,21 @@ class Writer:
         )
         if self._checkpointing is not None:
             await self._checkpointing
-        assert self._conn is not None
-        self._checkpointed_at = self._conn.total_changes
-        self._checkpointing = loop.run_in_executor(self._checkpoints, _checkpoint, self._file)
-        await self._checkpointing
+        await self._start_checkpoint(loop)
 
     def _maybe_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._checkpointing is not None and not self._checkpointing.done():
             return
         assert self._conn is not None
         behind = (self._conn.total_changes - self._checkpointed_at) % (1 << 32)  # it wraps
-        if behind < _CHECKPOINT_ROWS:
-            return
+        if behind >= _CHECKPOINT_ROWS:
+            self._start_checkpoint(loop)
+
+    def _start_checkpoint(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        assert self._conn is not None
         self._checkpointed_at = self._conn.total_changes
         self._checkpointing = loop.run_in_executor(self._checkpoints, _checkpoint, self._file)
+        return self._checkpointing
 
 
 def _checkpoint(file: Path) -> None:

@@ -31,9 +31,9 @@ from bridge.queue import (
     Settlement,
 )
 from bridge.queue import _sqlite_history as history
-from bridge.queue._sqlite_rows import ACTIVE_SQL, promote, refresh_delivery
+from bridge.queue._sqlite_rows import ACTIVE_SQL, insert_jobs, promote, refresh_delivery
 from bridge.queue._writer import Writer
-from bridge.states import FINISHED, DeliveryStatus, JobState, check, delivery_status
+from bridge.states import FINISHED, JobState, check, delivery_status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -352,11 +352,9 @@ def _add_many(conn: sqlite3.Connection, batch: Sequence[NewDelivery]) -> list[Ad
     if not fresh:
         return results
     numbers = _numbers(conn, [d.repo.lower() for d in fresh])
-    active = _active_lanes(conn, {job.lane for d in fresh for job in d.jobs})
     delivery_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM deliveries").fetchone()[0]
-    job_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
     pending = delivery_status([JobState.PENDING])
-    deliveries, data, jobs, bodies = [], [], [], []
+    deliveries, data, jobs = [], [], []
     for d, number in zip(fresh, numbers, strict=True):
         delivery_id += 1
         at = d.received_at
@@ -368,17 +366,7 @@ def _add_many(conn: sqlite3.Connection, batch: Sequence[NewDelivery]) -> list[Ad
             )
         )  # fmt: skip
         data.append((delivery_id, orjson.dumps(d.summary), d.payload))
-        for index, job in enumerate(d.jobs, start=1):
-            job_id += 1
-            head = job.lane not in active
-            active.add(job.lane)
-            jobs.append(
-                (
-                    job_id, delivery_id, index, job.endpoint, job.org, job.repo, job.path,
-                    job.lane, int(head), at, at,
-                )
-            )  # fmt: skip
-            bodies.append((job_id, job.body, job.fallback))
+        jobs += [(delivery_id, index, job, at) for index, job in enumerate(d.jobs, start=1)]
     conn.executemany(
         "INSERT INTO deliveries (id, guid, repo, repo_key, number, github_event, action, event,"
         " status, error, created_at, enqueued_at, finished_at)"
@@ -388,13 +376,7 @@ def _add_many(conn: sqlite3.Connection, batch: Sequence[NewDelivery]) -> list[Ad
     conn.executemany(
         "INSERT INTO delivery_data (delivery_id, summary, payload) VALUES (?, ?, ?)", data
     )
-    conn.executemany(
-        "INSERT INTO jobs (id, delivery_id, number, state, endpoint, org, repo, path,"
-        " lane, head, next_attempt_at, enqueued_at)"
-        " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
-        jobs,
-    )
-    conn.executemany("INSERT INTO job_bodies (job_id, body, fallback) VALUES (?, ?, ?)", bodies)
+    insert_jobs(conn, jobs)
     return results
 
 
@@ -423,23 +405,6 @@ def _numbers(conn: sqlite3.Connection, repo_keys: list[str]) -> list[int | None]
     return numbers
 
 
-def _active_lanes(conn: sqlite3.Connection, lanes: set[str]) -> set[str]:
-    """The lanes among ``lanes`` that already have an active job (and so a head)."""
-    if not lanes:
-        return set()
-    # One probe of the jobs_lane index per lane (EXISTS stops at the first active job).
-    values = ", ".join(["(?)"] * len(lanes))
-    return {
-        r[0]
-        for r in conn.execute(
-            f"WITH wanted (lane) AS (VALUES {values}) SELECT lane FROM wanted"
-            f" WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.lane = wanted.lane"
-            f" AND j.state IN {ACTIVE_SQL})",
-            list(lanes),
-        )
-    }
-
-
 def _claim(
     conn: sqlite3.Connection, limit: int, now: float, lease_until: float
 ) -> list[ClaimedJob]:
@@ -459,7 +424,7 @@ def _claim(
     conn.execute(
         "UPDATE deliveries SET status = ?, started_at = COALESCE(started_at, ?),"
         f" finished_at = NULL WHERE id IN ({', '.join('?' * len(deliveries))})",
-        [DeliveryStatus.RUNNING, now, *deliveries],
+        [delivery_status([JobState.RUNNING]), now, *deliveries],
     )
     claimed = []
     for row in rows:
