@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from bridge import observability as metrics
 from bridge import signature
-from bridge.convert import Conversion, Policy, convert
+from bridge.convert import Conversion, Policy, convert, read_payload
 from bridge.errors import IntakeError, QueueError
 from bridge.queue import Added, NewDelivery, NewJob, Queue
 
@@ -94,7 +94,7 @@ class Intake:
                 "bad_request",
             )
         try:
-            payload_bytes, payload = _parse(headers.get("content-type", ""), body)
+            payload_bytes, payload = _parse(headers.get("content-type", ""), body, event)
             if event == "ping":
                 return JSONResponse({"status": "pong"}), event, "pong"
             conversion = convert(event, payload, self._policy)
@@ -138,8 +138,9 @@ def _raw_header(request: Request, name: bytes) -> bytes | None:
     return None
 
 
-def _parse(content_type: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
-    """The payload as JSON bytes and as a dict, from either content type GitHub sends."""
+def _parse(content_type: str, body: bytes, event: str) -> tuple[bytes, dict[str, Any]]:
+    """The payload as JSON bytes, and as a dict of the fields the conversion of ``event``
+    reads (bridge.convert.fields), from either content type GitHub sends."""
     media, _, params = content_type.partition(";")
     media = media.strip().lower()
     if media not in (_JSON, _FORM):
@@ -156,13 +157,7 @@ def _parse(content_type: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
         if len(values) != 1:
             raise IntakeError("form body must carry exactly one payload field")
         body = values[0].encode("utf-8", "surrogatepass")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise IntakeError("body is not valid UTF-8 JSON") from None
-    if not isinstance(payload, dict):
-        raise IntakeError("body must be a JSON object")
-    return body, payload
+    return body, read_payload(event, body)
 
 
 def _charset(params: str) -> str | None:

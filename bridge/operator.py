@@ -15,14 +15,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from bridge import observability as metrics
 from bridge.config import Secret
-from bridge.convert import Policy, convert
+from bridge.convert import Policy, convert, read_payload
 from bridge.errors import IntakeError, NotFound, OperatorError, QueueError
 from bridge.intake import JSONResponse, new_jobs
 from bridge.queue import Attempt, DeliveryRecord, JobRecord, NewJob, Page, Queue
@@ -129,7 +128,8 @@ class OperatorAPI:
     def _reconvert(self, github_event: str, payload: bytes) -> tuple[NewJob, ...] | str:
         """An operator restart of a skipped delivery: convert again, ignoring the skip."""
         try:
-            conversion = convert(github_event, orjson.loads(payload), self._policy, force=True)
+            read = read_payload(github_event, payload)
+            conversion = convert(github_event, read, self._policy, force=True)
         except IntakeError as exc:
             return exc.message
         return conversion.skip if conversion.skip is not None else new_jobs(conversion)

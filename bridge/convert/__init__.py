@@ -15,11 +15,12 @@ from urllib.parse import quote
 
 from bridge.convert._common import Draft, opt_str, repo_names
 from bridge.convert.deployment import convert_deployment, deployment_api_body
+from bridge.convert.fields import read_payload
 from bridge.convert.pull_request import convert_pull_request
 from bridge.convert.push import convert_push
 from bridge.errors import PayloadError
 
-__all__ = ["Conversion", "Policy", "Summary", "VelaRequest", "convert"]
+__all__ = ["Conversion", "Policy", "Summary", "VelaRequest", "convert", "read_payload"]
 
 
 @dataclass(frozen=True, slots=True)
