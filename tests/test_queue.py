@@ -842,6 +842,32 @@ def test_the_next_batch_commits_while_one_syncs_and_a_failed_sync_stops_the_queu
     assert run(reopened, db) is Added.QUEUED
 
 
+def test_a_commit_that_fails_fails_its_whole_batch_and_the_queue_goes_on(tmp_path: Path) -> None:
+    """SQLite: a COMMIT that fails (here on a deferred foreign key, which SQLite checks
+    only at COMMIT) is rolled back, every call of its batch fails, nothing of it is
+    stored, and the next batch commits as usual."""
+
+    def tables(conn: Any) -> None:
+        conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+
+    async def main(q: Any) -> tuple[list[Any], list[Any]]:
+        writer = q._writer
+        await writer.run(tables)
+        writer._conn.execute("PRAGMA foreign_keys = ON")  # between batches: nothing in flight
+        orphan = writer.run(lambda conn: conn.execute("INSERT INTO child VALUES (1)"))
+        failed = await asyncio.gather(q.add(delivery("a")), orphan, return_exceptions=True)
+        after = await asyncio.gather(q.add(delivery("a")), q.add(delivery("b")))
+        return failed, after
+
+    failed, after = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert all(isinstance(r, QueueUnavailable) for r in failed), failed
+    assert "could not commit" in str(failed[0])
+    assert after == [Added.QUEUED, Added.QUEUED]  # "a" was not stored by the failed batch
+
+
 def test_a_committer_that_fails_fails_its_calls_instead_of_hanging(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
