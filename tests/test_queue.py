@@ -914,6 +914,53 @@ def test_the_log_stays_bounded_while_writes_never_pause(
     assert any("commits wait for a checkpoint" in r.getMessage() for r in caplog.records)
 
 
+def test_commits_go_on_past_the_log_limit_while_a_checkpoint_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a checkpoint already running is left to finish with commits flowing;
+    commits pause only for the one that copies what was written meanwhile."""
+    import threading
+
+    from bridge.queue import _writer
+
+    monkeypatch.setattr(_writer, "_WAL_LIMIT", 256 * 1024)
+    monkeypatch.setattr(_writer, "_CHECKPOINT_ROWS", 1)  # every commit starts one if none runs
+    hold, release = threading.Event(), threading.Event()
+    real = _writer._checkpoint
+    held_ones: list[Path] = []
+
+    def held(file: Path) -> None:
+        if hold.is_set() and not held_ones:  # the first checkpoint once armed
+            held_ones.append(file)
+            release.wait(10)
+        real(file)
+
+    monkeypatch.setattr(_writer, "_checkpoint", held)
+    wal = tmp_path / "q.db-wal"
+
+    async def batches(q: Any) -> list[Added]:
+        results: list[Added] = []
+        for chunk in range(20):
+            adds = (q.add(delivery(f"g{chunk}-{i}", lane=f"l{i}")) for i in range(20))
+            results += await asyncio.gather(*adds)
+        return results
+
+    async def main(q: Any) -> tuple[list[Added], int]:
+        await q.add(delivery("first"))
+        assert wal.stat().st_size < 256 * 1024
+        hold.set()  # the next checkpoint runs until released
+        try:
+            results = await asyncio.wait_for(batches(q), timeout=5)
+            size = wal.stat().st_size
+        finally:
+            release.set()
+        return results, size
+
+    results, size = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert results == [Added.QUEUED] * 400
+    assert size > 256 * 1024  # past the limit, and no commit waited for the held checkpoint
+
+
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:
     """SQLite: an attempt that could not settle does not hold its lane past its lease."""
 
