@@ -102,7 +102,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--standing", type=int, help="deliveries queued for the standing drain")
     p.add_argument("--log-level", default="info", help="the bridge's log.level (default info)")
     p.add_argument(
-        "--python", default=sys.executable, help="interpreter for the bridge and the baseline"
+        "--python",
+        default=sys.executable,
+        type=os.path.abspath,  # not resolved: a venv's python is a symlink to its base
+        help="interpreter for the bridge and the baseline",
     )
     p.add_argument("--skip-backlog", action="store_true", help="no 100k-backlog rounds")
     p.add_argument(

@@ -142,6 +142,7 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # loop and http stay "auto": uvloop and httptools, dependencies where they install.
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config),
