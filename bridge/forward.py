@@ -171,7 +171,7 @@ class Forwarder:
     async def _run(self, job: ClaimedJob) -> None:
         try:
             settlement, endpoint = await self._attempt(job)
-            await self._queue.settle(job.id, settlement, time.time())
+            await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
             self._log(job, settlement, endpoint)
             _count(endpoint, settlement)
             if self._on_settled is not None:
@@ -184,7 +184,8 @@ class Forwarder:
             with contextlib.suppress(QueueError):
                 await self._queue.release([job.id], time.time())
         finally:
-            self._inflight.pop(job.id, None)
+            if self._inflight.get(job.id) is asyncio.current_task():  # not a later claim's
+                del self._inflight[job.id]
             self._slot_free.set()
             self._wake.set()  # the lane may have a next job now
 

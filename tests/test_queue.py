@@ -19,6 +19,8 @@ from bridge.errors import Conflict, NotFound, QueueLocked, QueueUnavailable
 from bridge.queue import (
     Added,
     Attempt,
+    ClaimedJob,
+    JobRecord,
     NewDelivery,
     NewJob,
     Page,
@@ -662,7 +664,8 @@ def test_postgres_invariants_hold_under_concurrent_replicas(pg_url: str) -> None
                     state = random.choice([JobState.SUCCESS, JobState.RETRYING, JobState.FAILURE])
                     later = time.time() + 0.05 if state == JobState.RETRYING else 0.0
                     attempt = Attempt(now, 0.01, 201, "", "")
-                    await q.settle(job.id, Settlement(state, attempt, next_attempt_at=later), now)
+                    outcome = Settlement(state, attempt, next_attempt_at=later)
+                    await q.settle(job.id, outcome, now, claim=job.claim)
                 if not jobs:
                     await asyncio.sleep(0.01)
 
@@ -961,6 +964,31 @@ def test_commits_go_on_past_the_log_limit_while_a_checkpoint_runs(
     results, size = run(main, f"sqlite:///{tmp_path / 'q.db'}")
     assert results == [Added.QUEUED] * 400
     assert size > 256 * 1024  # past the limit, and no commit waited for the held checkpoint
+
+
+def test_an_outcome_from_a_claim_whose_lease_was_retaken_is_only_logged(url: str) -> None:
+    """A worker that outlasts its lease must not record its outcome over the claim that
+    took the job again, even when both claims were made through the same queue object
+    (the live claim's worker then records its own)."""
+
+    async def main(q: Queue) -> tuple[list[ClaimedJob], JobRecord, list[Attempt]]:
+        await q.add(delivery("g"))
+        now = time.time()
+        stale = await q.claim(10, now)
+        await asyncio.sleep(0.6)  # the test queue's lease is 0.5 s
+        live = await q.claim(10, time.time())
+        late = time.time()
+        await q.settle(stale[0].id, success(late), late, claim=stale[0].claim)  # too late
+        failed = Settlement(JobState.FAILURE, Attempt(late, 0.1, 422, "bad", "no"), error="bad")
+        await q.settle(live[0].id, failed, late, claim=live[0].claim)
+        job, attempts = await q.job_log("Octo/App", 1, 1)
+        return [*stale, *live], job, attempts
+
+    claims, job, attempts = run(main, url, lease=0.5)
+    assert [c.guid for c in claims] == ["g", "g"] and claims[0].claim != claims[1].claim
+    assert claims[1].unclear
+    assert job.state is JobState.FAILURE and job.error == "bad"
+    assert [a.http_status for a in attempts] == [201, 422]  # both attempts are in the log
 
 
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ class ClaimedJob:
     github_event: str
     action: str
     fallback: bytes | None = None
+    # Which claim this is: settle() takes it back, so that an attempt whose lease ran out
+    # and was taken again cannot record its outcome over the new claim's.
+    claim: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +153,14 @@ class Queue(Protocol):
     async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
         """Lease up to ``limit`` due jobs, each the oldest active job of its lane."""
 
-    async def settle(self, job_id: int, settlement: Settlement, now: float) -> None:
-        """Record the outcome of a claimed job's attempt and end the claim."""
+    async def settle(
+        self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
+    ) -> None:
+        """Record the outcome of a claimed job's attempt and end the claim.
+
+        ``claim`` is the ClaimedJob's: when that lease ran out and the job was claimed
+        again, here or by another replica, the outcome changes nothing but the attempts
+        log. None means this queue's latest claim of the job."""
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
         """End claims unfinished (shutdown): the jobs retry at once, looking up Vela first."""

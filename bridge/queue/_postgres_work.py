@@ -41,7 +41,8 @@ class SettleItem:
     job_id: int
     settlement: Settlement
     now: float
-    claim: tuple[int, str] | None  # (claim token, lane) when this queue made the claim
+    token: int | None  # the claim it ends; None: no claim known, nothing to check
+    lane: str | None  # the job's lane when the claim is this queue's live one
 
 
 async def add_many(conn: Conn, batch: Sequence[NewDelivery]) -> list[Added]:
@@ -142,8 +143,8 @@ def cleaned(d: NewDelivery) -> NewDelivery:
 
 
 async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception | None]:
-    lanes = {s.job_id: s.claim[1] for s in batch if s.claim is not None}
-    unknown = [s.job_id for s in batch if s.claim is None]
+    lanes = {s.job_id: s.lane for s in batch if s.lane is not None}
+    unknown = [s.job_id for s in batch if s.lane is None]
     if unknown:
         cur = await conn.execute("SELECT id, lane FROM jobs WHERE id = ANY(%s::int8[])", (unknown,))
         lanes.update({row[0]: row[1] for row in await cur.fetchall()})
@@ -166,7 +167,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
             results.append(None)
             continue
         state, delivery_id, lane, head, token = JobState(row[0]), row[1], row[2], row[3], row[4]
-        if item.claim is not None and token != item.claim[0]:
+        if item.token is not None and token != item.token:
             log.warning("job %d: its lease expired and was retaken; outcome %s not recorded",
                         item.job_id, s.state)  # fmt: skip
             if a is not None:

@@ -245,14 +245,21 @@ class PostgresQueue:
                     id=row[0], guid=row[1], number=row[2], endpoint=row[3], org=row[4],
                     repo=row[5], path=row[6], body=row[7], attempts=row[8],
                     first_attempt_at=row[9], unclear=row[10], github_event=row[11],
-                    action=row[12], fallback=row[15],
+                    action=row[12], fallback=row[15], claim=token,
                 )
             )  # fmt: skip
         return claimed
 
-    async def settle(self, job_id: int, settlement: Settlement, now: float) -> None:
-        claim = self._claims.pop(job_id, None)
-        await self._settles.submit(work.SettleItem(job_id, settlement, now, claim))
+    async def settle(
+        self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
+    ) -> None:
+        held = self._claims.get(job_id)  # this queue's latest claim of the job
+        token = held[0] if claim is None and held is not None else claim
+        lane = None
+        if held is not None and held[0] == token:
+            del self._claims[job_id]
+            lane = held[1]
+        await self._settles.submit(work.SettleItem(job_id, settlement, now, token, lane))
 
     async def _settle_batch(self, batch: Sequence[work.SettleItem]) -> Sequence[Exception | None]:
         return await self._tx(lambda conn: work.settle_many(conn, batch), mode="pipeline")

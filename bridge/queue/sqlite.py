@@ -10,6 +10,8 @@ long the backlog is; bodies are never scanned.
 from __future__ import annotations
 
 import fcntl
+import itertools
+import logging
 import os
 import sqlite3
 import time
@@ -34,6 +36,8 @@ from bridge.queue import _sqlite_history as history
 from bridge.queue._sqlite_rows import ACTIVE_SQL, insert_jobs, promote, refresh_delivery
 from bridge.queue._writer import Writer
 from bridge.states import FINISHED, JobState, check, delivery_status
+
+log = logging.getLogger("bridge.queue")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -153,6 +157,10 @@ class SQLiteQueue:
         self._lock = lock
         self._lease = lease_seconds
         self._retention = retention_days * 86_400
+        # job id → its live claim. One process owns the file, so the claims live here;
+        # a job whose lease ran out is claimed again with a new number.
+        self._claims: dict[int, int] = {}
+        self._claim_numbers = itertools.count(1)
 
     @classmethod
     async def open(cls, path: str, *, lease_seconds: float, retention_days: float) -> SQLiteQueue:
@@ -176,12 +184,33 @@ class SQLiteQueue:
         return added
 
     async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
-        return await self._writer.run(lambda conn: _claim(conn, limit, now, now + self._lease))
+        number = next(self._claim_numbers)
+        lease = now + self._lease
+        jobs = await self._writer.run(lambda conn: _claim(conn, limit, now, lease, number))
+        self._claims.update((job.id, number) for job in jobs)
+        return jobs
 
-    async def settle(self, job_id: int, settlement: Settlement, now: float) -> None:
+    async def settle(
+        self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
+    ) -> None:
+        live = self._claims.get(job_id)
+        if claim is not None and live is not None and claim != live:
+            # Its lease ran out and the job was claimed again: only the attempt is kept.
+            log.warning(
+                "job %d: its lease expired and was retaken; outcome %s not recorded",
+                job_id,
+                settlement.state,
+            )
+            attempt = settlement.attempt
+            if attempt is not None:
+                await self._writer.run(lambda conn: _log_attempt(conn, job_id, attempt))
+            return
+        self._claims.pop(job_id, None)
         await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
+        for job_id in job_ids:
+            self._claims.pop(job_id, None)
         await self._writer.run(lambda conn: _release(conn, job_ids, now))
 
     async def next_due(self) -> float | None:
@@ -406,7 +435,7 @@ def _numbers(conn: sqlite3.Connection, repo_keys: list[str]) -> list[int | None]
 
 
 def _claim(
-    conn: sqlite3.Connection, limit: int, now: float, lease_until: float
+    conn: sqlite3.Connection, limit: int, now: float, lease_until: float, number: int
 ) -> list[ClaimedJob]:
     rows = conn.execute(EXPIRED_SQL, (now, limit)).fetchall()
     if len(rows) < limit:
@@ -444,6 +473,7 @@ def _claim(
                 github_event=row[11],
                 action=row[12],
                 fallback=row[14],
+                claim=number,
             )
         )
     return claimed
@@ -486,14 +516,18 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
             (s.vela_deployment, now, job_id),
         )
     if a is not None:
-        conn.execute(
-            "INSERT INTO attempts (job_id, started_at, duration, http_status, error, excerpt)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, a.started_at, a.duration, a.http_status, a.error, a.excerpt),
-        )
+        _log_attempt(conn, job_id, a)
     if finished and head:
         promote(conn, job_id, lane)
     refresh_delivery(conn, delivery_id, now, error=s.error)
+
+
+def _log_attempt(conn: sqlite3.Connection, job_id: int, a: Attempt) -> None:
+    conn.execute(
+        "INSERT INTO attempts (job_id, started_at, duration, http_status, error, excerpt)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, a.started_at, a.duration, a.http_status, a.error, a.excerpt),
+    )
 
 
 def _release(conn: sqlite3.Connection, job_ids: Sequence[int], now: float) -> None:
