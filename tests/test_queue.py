@@ -895,8 +895,11 @@ def test_the_log_stays_bounded_while_writes_never_pause(
 ) -> None:
     """SQLite: past its size limit the write-ahead log is checkpointed whole, commits
     waiting, so that it restarts and is cut back instead of growing without end."""
+    import logging
+
     from bridge.queue import _writer
 
+    caplog.set_level(logging.INFO, logger="bridge.queue")
     limit = 256 * 1024
     monkeypatch.setattr(_writer, "_WAL_LIMIT", limit)
     monkeypatch.setattr(_writer, "_CHECKPOINT_ROWS", 10**9)  # no routine checkpoints
