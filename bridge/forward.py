@@ -171,9 +171,11 @@ class Forwarder:
     async def _run(self, job: ClaimedJob) -> None:
         try:
             settlement, endpoint = await self._attempt(job)
-            await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
+            recorded = await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
+            _count(endpoint, settlement, finished=recorded)
+            if not recorded:  # its lease was retaken: the new claim's outcome is the one
+                return
             self._log(job, settlement, endpoint)
-            _count(endpoint, settlement)
             if self._on_settled is not None:
                 await self._on_settled(job, settlement)
         except QueueError as exc:
@@ -316,12 +318,13 @@ class Forwarder:
         )
 
 
-def _count(endpoint: str, s: Settlement) -> None:
+def _count(endpoint: str, s: Settlement, *, finished: bool) -> None:
+    """The attempt, which was made either way; the final state only if it was recorded."""
     if s.attempt is not None:
         result = metrics.attempt_result(s.attempt.http_status)
         metrics.FORWARD_ATTEMPTS.labels(endpoint, result).inc()
         metrics.FORWARD_DURATION.observe(s.attempt.duration)
-    if s.state in FINISHED:
+    if finished and s.state in FINISHED:
         metrics.FINISHED.labels(str(s.state)).inc()
 
 

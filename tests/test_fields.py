@@ -47,11 +47,11 @@ class _Recording(Mapping[str, Any]):
         self._data, self._keys, self._path, self._missing = data, keys, path, missing
 
     def __getitem__(self, key: str) -> Any:
-        value = self._data[key]
         path = f"{self._path}.{key}".lstrip(".")
-        if key not in self._keys:
+        if key not in self._keys:  # noted before the look-up: absent keys count too
             self._missing.add(path)
-            return value
+            return self._data[key]
+        value = self._data[key]
         below = _declared(self._keys[key])
         if below is not None and isinstance(value, dict):
             return _Recording(value, below, path, self._missing)

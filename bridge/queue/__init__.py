@@ -64,7 +64,7 @@ class ClaimedJob:
     fallback: bytes | None = None
     # Which claim this is: settle() takes it back, so that an attempt whose lease ran out
     # and was taken again cannot record its outcome over the new claim's.
-    claim: int = 0
+    claim: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +155,13 @@ class Queue(Protocol):
 
     async def settle(
         self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
-    ) -> None:
-        """Record the outcome of a claimed job's attempt and end the claim.
+    ) -> bool:
+        """Record the outcome of a claimed job's attempt and end the claim; True if so.
 
         ``claim`` is the ClaimedJob's: when that lease ran out and the job was claimed
         again, here or by another replica, the outcome changes nothing but the attempts
-        log. None means this queue's latest claim of the job."""
+        log, and settle returns False (as for a job purged meanwhile). None means this
+        queue's latest claim of the job."""
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
         """End claims unfinished (shutdown): the jobs retry at once, looking up Vela first."""

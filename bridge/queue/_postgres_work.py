@@ -142,7 +142,9 @@ def cleaned(d: NewDelivery) -> NewDelivery:
     )
 
 
-async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception | None]:
+async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception | bool]:
+    """Each item's outcome recorded (True), or not: superseded or purged (False), or an
+    IllegalTransition."""
     lanes = {s.job_id: s.lane for s in batch if s.lane is not None}
     unknown = [s.job_id for s in batch if s.lane is None]
     if unknown:
@@ -155,7 +157,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
         (sorted({s.job_id for s in batch}),),
     )
     jobs = {row[0]: list(row[1:]) for row in await cur.fetchall()}
-    results: list[Exception | None] = []
+    results: list[Exception | bool] = []
     updates: list[tuple[Any, ...]] = []
     attempts: list[tuple[int, Attempt]] = []
     finished_lanes: set[str] = set()
@@ -164,7 +166,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
     for item in batch:
         row, s, a = jobs.get(item.job_id), item.settlement, item.settlement.attempt
         if row is None:  # purged meanwhile
-            results.append(None)
+            results.append(False)
             continue
         state, delivery_id, lane, head, token = JobState(row[0]), row[1], row[2], row[3], row[4]
         if item.token is not None and token != item.token:
@@ -172,7 +174,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
                         item.job_id, s.state)  # fmt: skip
             if a is not None:
                 attempts.append((item.job_id, a))
-            results.append(None)
+            results.append(False)
             continue
         try:
             check(state, s.state)
@@ -194,7 +196,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
             finished_lanes.add(lane)
         row[0], row[3], row[4] = s.state, head and not finished, None
         errors[delivery_id] = clean(s.error)
-        results.append(None)
+        results.append(True)
     if updates:
         async with conn.cursor() as cur:
             await cur.executemany(

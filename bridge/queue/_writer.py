@@ -29,7 +29,8 @@ connection in another thread, so the loop never waits for the database file's sy
 one starts every ``_CHECKPOINT_ROWS`` changed rows (a few MB of log) rather than after
 every commit: a checkpoint copies a page once however often it changed and pays for
 one sync of the database file, and this cut the intake's CPU per delivery by about a
-tenth (bench/). Should the log outgrow ``_WAL_LIMIT``, commits wait for it (above).
+tenth (bench/). Should the log outgrow ``_WAL_LIMIT``, commits wait for a checkpoint to
+copy the rest of it (see ``_catch_up``).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ _SYNC_DEPTH = 2
 _CHECKPOINT_ROWS = 1024
 # The log restarts from its beginning once a checkpoint has caught up with it, which a
 # checkpoint running beside the commits may never do while writes keep coming. Past
-# this size commits wait for one checkpoint to copy all of it, and SQLite cuts the
-# file back to this size when the log restarts.
+# this size, as soon as no checkpoint is running, commits wait for one to copy the rest
+# (so the log may pass the limit by what is written during one checkpoint), and SQLite
+# cuts the file back to this size when the log restarts.
 _WAL_LIMIT = 64 * 1024 * 1024
 
 

@@ -129,7 +129,7 @@ class PostgresQueue:
         self._adds: Batcher[NewDelivery, Added] = Batcher(
             self._add_batch, max_batch=_MAX_BATCH, name="postgres-adds"
         )
-        self._settles: Batcher[work.SettleItem, None] = Batcher(
+        self._settles: Batcher[work.SettleItem, bool] = Batcher(
             self._settle_batch, max_batch=_MAX_BATCH, name="postgres-settles"
         )
 
@@ -252,16 +252,16 @@ class PostgresQueue:
 
     async def settle(
         self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
-    ) -> None:
+    ) -> bool:
         held = self._claims.get(job_id)  # this queue's latest claim of the job
         token = held[0] if claim is None and held is not None else claim
         lane = None
         if held is not None and held[0] == token:
             del self._claims[job_id]
             lane = held[1]
-        await self._settles.submit(work.SettleItem(job_id, settlement, now, token, lane))
+        return await self._settles.submit(work.SettleItem(job_id, settlement, now, token, lane))
 
-    async def _settle_batch(self, batch: Sequence[work.SettleItem]) -> Sequence[Exception | None]:
+    async def _settle_batch(self, batch: Sequence[work.SettleItem]) -> Sequence[Exception | bool]:
         return await self._tx(lambda conn: work.settle_many(conn, batch), mode="pipeline")
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:

@@ -192,9 +192,9 @@ class SQLiteQueue:
 
     async def settle(
         self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
-    ) -> None:
+    ) -> bool:
         live = self._claims.get(job_id)
-        if claim is not None and live is not None and claim != live:
+        if claim is not None and claim != live:
             # Its lease ran out and the job was claimed again: only the attempt is kept.
             log.warning(
                 "job %d: its lease expired and was retaken; outcome %s not recorded",
@@ -204,9 +204,10 @@ class SQLiteQueue:
             attempt = settlement.attempt
             if attempt is not None:
                 await self._writer.run(lambda conn: _log_attempt(conn, job_id, attempt))
-            return
+            return False
         self._claims.pop(job_id, None)
-        await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
+        recorded: bool = await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
+        return recorded
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
         for job_id in job_ids:
@@ -479,12 +480,12 @@ def _claim(
     return claimed
 
 
-def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) -> None:
+def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) -> bool:
     row = conn.execute(
         "SELECT state, delivery_id, lane, head FROM jobs WHERE id = ?", (job_id,)
     ).fetchone()
-    if row is None:
-        return
+    if row is None:  # purged meanwhile
+        return False
     old, delivery_id, lane, head = JobState(row[0]), row[1], row[2], row[3]
     check(old, s.state)
     finished = s.state in FINISHED
@@ -520,6 +521,7 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
     if finished and head:
         promote(conn, job_id, lane)
     refresh_delivery(conn, delivery_id, now, error=s.error)
+    return True
 
 
 def _log_attempt(conn: sqlite3.Connection, job_id: int, a: Attempt) -> None:
