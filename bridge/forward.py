@@ -183,10 +183,11 @@ class Forwarder:
             log.error("cannot settle job %s: %s", job.id, exc, extra=_fields(job))
         except Exception:  # a bug here must not leave the job claimed and its lane blocked
             log.exception("job %s failed unexpectedly; releasing it", job.id, extra=_fields(job))
-            with contextlib.suppress(QueueError):
-                await self._queue.release([job.id], time.time())
-        finally:
             if self._inflight.get(job.id) is asyncio.current_task():  # not a later claim's
+                with contextlib.suppress(QueueError):
+                    await self._queue.release([job.id], time.time())
+        finally:
+            if self._inflight.get(job.id) is asyncio.current_task():
                 del self._inflight[job.id]
             self._slot_free.set()
             self._wake.set()  # the lane may have a next job now
