@@ -168,6 +168,11 @@ class Forwarder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._slot_free.wait(), timeout=timeout)
 
+    def _runs(self, job: ClaimedJob) -> bool:
+        """Whether this task runs the job's latest claim (a later claim's task may have
+        replaced it in _inflight after its lease ran out)."""
+        return self._inflight.get(job.id) is asyncio.current_task()
+
     async def _run(self, job: ClaimedJob) -> None:
         try:
             settlement, endpoint = await self._attempt(job)
@@ -183,11 +188,11 @@ class Forwarder:
             log.error("cannot settle job %s: %s", job.id, exc, extra=_fields(job))
         except Exception:  # a bug here must not leave the job claimed and its lane blocked
             log.exception("job %s failed unexpectedly; releasing it", job.id, extra=_fields(job))
-            if self._inflight.get(job.id) is asyncio.current_task():  # not a later claim's
+            if self._runs(job):
                 with contextlib.suppress(QueueError):
                     await self._queue.release([job.id], time.time())
         finally:
-            if self._inflight.get(job.id) is asyncio.current_task():
+            if self._runs(job):
                 del self._inflight[job.id]
             self._slot_free.set()
             self._wake.set()  # the lane may have a next job now

@@ -29,29 +29,23 @@ from bridge.errors import PayloadError
 # converters check types themselves, with messages that name the key.
 
 
-class _Login(TypedDict, total=False):
-    login: Any
+class _Account(TypedDict, total=False):
+    """A GitHub account, whichever role it plays: owner, sender, user, creator."""
 
-
-class _Person(TypedDict, total=False):
     login: Any
+    id: Any
     email: Any
+    avatar_url: Any
 
 
 class _Repository(TypedDict, total=False):
     name: Any
     full_name: Any
-    owner: _Login | None
+    owner: _Account | None
     html_url: Any
     clone_url: Any
     default_branch: Any
     fork: Any
-
-
-class _Sender(TypedDict, total=False):
-    login: Any
-    id: Any
-    avatar_url: Any
 
 
 class _Common(TypedDict, total=False):
@@ -59,7 +53,7 @@ class _Common(TypedDict, total=False):
 
     action: Any
     repository: _Repository | None
-    sender: _Sender | None
+    sender: _Account | None
 
 
 class _GitUser(TypedDict, total=False):
@@ -97,7 +91,7 @@ class _PullRequestObject(TypedDict, total=False):
     html_url: Any
     state: Any
     author_association: Any
-    user: _Person | None
+    user: _Account | None
     head: _Branch | None
     base: _Branch | None
 
@@ -116,7 +110,7 @@ class _DeploymentObject(TypedDict, total=False):
     description: Any
     url: Any
     payload: Any  # forwarded whole (deploy_payload)
-    creator: _Person | None
+    creator: _Account | None
 
 
 class _Deployment(_Common, total=False):
@@ -133,14 +127,12 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 }
 _COMMON: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_Common)
 _ANY = msgspec.json.Decoder()
+_NOT_JSON = "body is not valid UTF-8 JSON"
 
 
 def skeleton(event: str) -> type:
     """The TypedDict of the fields read for ``event`` (other events: the common ones)."""
     return _SKELETONS.get(event, _Common)
-
-
-_NOT_JSON = "body is not valid UTF-8 JSON"
 
 
 def read_payload(event: str, body: bytes) -> dict[str, Any]:

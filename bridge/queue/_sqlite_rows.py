@@ -18,7 +18,7 @@ def insert_jobs(conn: sqlite3.Connection, new: Sequence[tuple[int, int, NewJob, 
     writer's transaction is the only one."""
     if not new:
         return
-    active = active_lanes(conn, {job.lane for _, _, job, _ in new})
+    active = _active_lanes(conn, {job.lane for _, _, job, _ in new})
     job_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0]
     rows, bodies = [], []
     for delivery_id, number, job, at in new:
@@ -41,7 +41,7 @@ def insert_jobs(conn: sqlite3.Connection, new: Sequence[tuple[int, int, NewJob, 
     conn.executemany("INSERT INTO job_bodies (job_id, body, fallback) VALUES (?, ?, ?)", bodies)
 
 
-def active_lanes(conn: sqlite3.Connection, lanes: set[str]) -> set[str]:
+def _active_lanes(conn: sqlite3.Connection, lanes: set[str]) -> set[str]:
     """The lanes among ``lanes`` that already have an active job (and so a head)."""
     if not lanes:
         return set()

@@ -206,8 +206,7 @@ class SQLiteQueue:
                 await self._writer.run(lambda conn: _log_attempt(conn, job_id, attempt))
             return False
         self._claims.pop(job_id, None)
-        recorded: bool = await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
-        return recorded
+        return await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
         for job_id in job_ids:
