@@ -79,7 +79,10 @@ class Forwarder:
         self._probe_seconds = probe_seconds
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._inflight: dict[int, asyncio.Task[None]] = {}  # job id → its latest claim's task
+        # Every attempt still running, including one whose job a later claim took over
+        # after its lease ran out (no longer in _inflight): stop() waits for all of them.
+        self._attempts: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self.paused_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
@@ -112,13 +115,14 @@ class Forwarder:
         self._wake.set()
         if self._task is not None:
             await self._task
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()), timeout=grace)
+        if self._attempts:
+            await asyncio.wait(list(self._attempts), timeout=grace)
         left = dict(self._inflight)
-        for task in left.values():
+        unfinished = list(self._attempts)
+        for task in unfinished:
             task.cancel()
-        if left:
-            await asyncio.gather(*left.values(), return_exceptions=True)
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        if left:  # only the latest claims: a superseded attempt's job is not its to release
             await self._queue.release(list(left), time.time())
             log.info("released %d unfinished claims", len(left))
 
@@ -152,7 +156,10 @@ class Forwarder:
         self._wake.clear()
         jobs = await self._queue.claim(limit, time.time())
         for job in jobs:
-            self._inflight[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+            task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+            self._inflight[job.id] = task
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
         if jobs or self.paused_reason is not None:
             return
         due = await self._queue.next_due()

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from bridge.config import RetryConfig, Secret
+from bridge.forward import Forwarder
+from bridge.queue import open_queue
+from bridge.states import JobState
+from bridge.vela import VelaClient
 from tests.fakes.vela import FakeVela, Reply
 from tests.support import Bridge, payload
+from tests.test_queue import delivery
 
 PUSH = payload("hand.push.feature-branch.json")
 
@@ -205,3 +213,36 @@ def test_a_paused_bridge_probes_once_per_interval(make_bridge: Any, vela: FakeVe
     # The first attempts (before the pause takes hold) plus one probe a second.
     assert len(vela.posts()) <= 4 + elapsed, len(vela.posts())
     assert bridge.client.get("/readyz").status_code == 503
+
+
+def test_stop_ends_an_attempt_whose_lease_was_retaken(tmp_path: Path, vela: FakeVela) -> None:
+    """An attempt that outlasts its lease, and whose job the same Forwarder took again,
+    is waited for and then cancelled by stop() like the latest one: nothing is left
+    running against the closed queue, and only the latest claim is released."""
+    vela.always(Reply(201, {"number": 1}, delay=5.0))  # longer than the lease and the grace
+
+    async def main() -> tuple[list[str], JobState, bool]:
+        queue = await open_queue(
+            f"sqlite:///{tmp_path / 'q.db'}", lease_seconds=0.5, retention_days=1
+        )
+        client = VelaClient(vela.url, Secret(vela.token), timeout=10, connections=4)
+        await client.open()
+        forwarder = Forwarder(queue, client, RetryConfig(), concurrency=4)
+        try:
+            await queue.add(delivery("g"))
+            forwarder.start()
+            deadline = time.monotonic() + 10
+            while len(vela.requests) < 2 and time.monotonic() < deadline:  # taken again
+                await asyncio.sleep(0.05)
+            await forwarder.stop(grace=0.2)
+            left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("job-")]
+            job, _ = await queue.job_log("Octo/App", 1, 1)
+            return left, job.state, job.unclear
+        finally:
+            await client.close()
+            await queue.close()
+
+    left, state, unclear = asyncio.run(main())
+    assert len(vela.requests) >= 2  # the job really was claimed twice
+    assert left == []
+    assert state is JobState.RETRYING and unclear  # released: looked up in Vela before resending
