@@ -117,13 +117,13 @@ class Forwarder:
             await self._task
         if self._attempts:
             await asyncio.wait(list(self._attempts), timeout=grace)
-        left = dict(self._inflight)
+        left = list(self._inflight)  # only the latest claims: a superseded one is not ours
         unfinished = list(self._attempts)
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
-        if left:  # only the latest claims: a superseded attempt's job is not its to release
-            await self._queue.release(list(left), time.time())
+        if left:
+            await self._queue.release(left, time.time())
             log.info("released %d unfinished claims", len(left))
 
     async def _dispatch(self) -> None:
