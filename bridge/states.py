@@ -23,7 +23,7 @@ delivery with no job was skipped by the bridge itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
 
@@ -94,3 +94,30 @@ def delivery_status(jobs: Iterable[JobState]) -> DeliveryStatus:
     if states == {JobState.SKIPPED}:
         return DeliveryStatus.SKIPPED
     return DeliveryStatus.SUCCESS
+
+
+# Whose error a delivery shows: a failure's before a cancel's, before the last error of a
+# job still being retried, before the reason Vela skipped one.
+_ERROR_FROM = (
+    JobState.FAILURE,
+    JobState.KILLED,
+    JobState.RETRYING,
+    JobState.RUNNING,
+    JobState.SKIPPED,
+)
+
+
+def delivery_error(jobs: Sequence[tuple[JobState, str]]) -> str | None:
+    """The delivery's ``error`` (operator-api.md) from its jobs' states and errors, in job
+    order: the first error of the job that most decides its status, whichever job settled
+    last; ``""`` once it succeeded. None for a delivery with no job: the bridge skipped it,
+    and its error is the reason it gave then."""
+    if not jobs:
+        return None
+    if delivery_status(state for state, _ in jobs) is DeliveryStatus.SUCCESS:
+        return ""
+    for wanted in _ERROR_FROM:
+        for state, error in jobs:
+            if state is wanted and error:
+                return error
+    return ""

@@ -241,6 +241,40 @@ def test_a_claim_marks_the_delivery_running_until_its_last_job_settles(url: str)
     ]
 
 
+def test_the_delivery_error_is_the_error_of_the_job_that_decides_its_status(url: str) -> None:
+    """Two jobs in two lanes, settled in turn: the delivery's ``error`` follows its status,
+    not whichever job settled last."""
+
+    async def main(q: Queue) -> list[tuple[str, str]]:
+        two = delivery("two", jobs=2)
+        lanes = tuple(dataclasses.replace(job, lane=f"lane-{i}") for i, job in enumerate(two.jobs))
+        await q.add(dataclasses.replace(two, jobs=lanes))
+        now = time.time()
+        first, second = sorted(await q.claim(10, now), key=lambda job: job.number)
+        seen = []
+
+        async def settle(job: ClaimedJob, s: Settlement) -> None:
+            await q.settle(job.id, s, now)
+            d = await q.delivery("two")
+            assert d is not None
+            seen.append((d.status, d.error))
+
+        refused = Attempt(now, 0.01, 503, "Vela answered 503", "")
+        retry = Settlement(JobState.RETRYING, refused, next_attempt_at=now, error=refused.error)
+        await settle(first, retry)
+        await settle(second, success(now))  # the first job still waits for its retry
+        [again] = await q.claim(10, now)
+        gave_up = Attempt(now, 0.01, 422, "Vela refused the build: 422", "")
+        await settle(again, Settlement(JobState.FAILURE, gave_up, error=gave_up.error))
+        return seen
+
+    assert run(main, url) == [
+        ("running", "Vela answered 503"),
+        ("running", "Vela answered 503"),  # was "": the second job's success
+        ("failure", "Vela refused the build: 422"),
+    ]
+
+
 def test_a_delivery_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     """SQLite: one bad row makes the bulk insert fail; the batch is run again item by item."""
     bad = dataclasses.replace(delivery("bad"), payload=object())  # SQLite cannot bind it

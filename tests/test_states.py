@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from bridge import states
-from bridge.states import DeliveryStatus, IllegalTransition, JobState
+from bridge.states import FINISHED, DeliveryStatus, IllegalTransition, JobState
 
 P, RUN, RE = JobState.PENDING, JobState.RUNNING, JobState.RETRYING
 OK, FAIL, KILL, SKIP = JobState.SUCCESS, JobState.FAILURE, JobState.KILLED, JobState.SKIPPED
@@ -112,3 +112,33 @@ def test_delivery_status_is_finished_only_when_every_job_is() -> None:
         status = states.delivery_status(jobs)
         active = any(j in states.ACTIVE for j in jobs)
         assert (status in (DeliveryStatus.PENDING, DeliveryStatus.RUNNING)) is active, jobs
+
+
+@pytest.mark.parametrize(
+    ("jobs", "error"),
+    [
+        pytest.param([], None, id="no-job: the bridge's skip reason stays"),
+        pytest.param([(P, "")], "", id="pending"),
+        pytest.param([(RE, "503")], "503", id="waiting-for-retry: its last error"),
+        pytest.param([(RUN, "503")], "503", id="retried-in-flight: its last error"),
+        pytest.param([(FAIL, "gave up"), (OK, "")], "gave up", id="failure-then-success"),
+        pytest.param([(OK, ""), (FAIL, "gave up")], "gave up", id="success-then-failure"),
+        pytest.param([(RE, "503"), (FAIL, "422")], "422", id="a-failure-before-a-retry"),
+        pytest.param([(KILL, "cancelled"), (FAIL, "422")], "422", id="failure-beats-killed"),
+        pytest.param([(SKIP, "off"), (KILL, "cancelled")], "cancelled", id="killed"),
+        pytest.param([(SKIP, "off"), (SKIP, "none")], "off", id="all-skipped: the first reason"),
+        pytest.param([(OK, ""), (SKIP, "off")], "", id="success+skipped: no error"),
+        pytest.param([(OK, "")], "", id="success"),
+        pytest.param([(FAIL, ""), (SKIP, "off")], "off", id="no-failure-text: the next"),
+    ],
+)
+def test_delivery_error(jobs: list[tuple[JobState, str]], error: str | None) -> None:
+    assert states.delivery_error(jobs) == error
+
+
+def test_a_finished_deliverys_error_is_that_of_a_job_in_its_status() -> None:
+    for found in itertools.product(FINISHED, repeat=3):
+        jobs = [(state, f"error of {state}") for state in found]
+        status = states.delivery_status(found)
+        expected = "" if status is DeliveryStatus.SUCCESS else f"error of {status}"
+        assert states.delivery_error(jobs) == expected, found

@@ -167,7 +167,7 @@ async def restart(
         "UPDATE deliveries SET enqueued_at = %s, finished_at = NULL WHERE id = %s",
         (now, delivery.id),
     )
-    await refresh(conn, {delivery.id: ""}, now)
+    await refresh(conn, [delivery.id], now)
     return await build(conn, repo, number)
 
 
@@ -203,7 +203,7 @@ async def cancel(conn: Conn, repo: str, number: int, job: int, now: float) -> De
     )
     if head:
         await promote(conn, [lane])
-    await refresh(conn, {delivery.id: "cancelled by an operator"}, now)
+    await refresh(conn, [delivery.id], now)
     return await build(conn, repo, number)
 
 

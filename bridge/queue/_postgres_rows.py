@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
 
 from bridge.queue import NewJob
 from bridge.queue._postgres_schema import ACTIVE_SQL, NS_LANE
-from bridge.states import ACTIVE, JobState, delivery_status
+from bridge.states import ACTIVE, JobState, delivery_error, delivery_status
 
 Conn = psycopg.AsyncConnection[Any]
 Cursor = psycopg.AsyncCursor[Any]
@@ -115,14 +115,14 @@ async def promote(conn: Conn, lanes: Iterable[str]) -> None:
         )
 
 
-async def refresh(conn: Conn, errors: Mapping[int, str | None], now: float) -> None:
-    """Derive the deliveries' status from their jobs; ``errors``: delivery id → new error.
+async def refresh(conn: Conn, deliveries: Iterable[int], now: float) -> None:
+    """Derive the deliveries' status, error and times from their jobs.
 
     The delivery rows are locked first (ascending id), so that two replicas settling
     two jobs of one delivery at once cannot both derive the status from a stale view:
     the second waits, then reads the first one's committed job states.
     """
-    ids = sorted(errors)
+    ids = sorted(set(deliveries))
     if not ids:
         return
     await conn.execute(
@@ -130,15 +130,18 @@ async def refresh(conn: Conn, errors: Mapping[int, str | None], now: float) -> N
         (ids,),
     )
     cur = await conn.execute(
-        "SELECT delivery_id, state FROM jobs WHERE delivery_id = ANY(%s::int8[])", (ids,)
+        "SELECT delivery_id, state, error FROM jobs WHERE delivery_id = ANY(%s::int8[])"
+        " ORDER BY delivery_id, number",
+        (ids,),
     )
-    states: dict[int, list[JobState]] = defaultdict(list)
-    for delivery_id, state in await cur.fetchall():
-        states[delivery_id].append(JobState(state))
-    statuses, running, done = [], [], []
+    jobs: dict[int, list[tuple[JobState, str]]] = defaultdict(list)
+    for delivery_id, state, error in await cur.fetchall():
+        jobs[delivery_id].append((JobState(state), error))
+    statuses, errors, running, done = [], [], [], []
     for i in ids:
-        found = states[i]
+        found = [state for state, _ in jobs[i]]
         statuses.append(str(delivery_status(found)))
+        errors.append(delivery_error(jobs[i]))
         running.append(JobState.RUNNING in found)
         done.append(not (set(found) & ACTIVE))
     await conn.execute(
@@ -147,5 +150,5 @@ async def refresh(conn: Conn, errors: Mapping[int, str | None], now: float) -> N
         " finished_at = CASE WHEN u.done THEN %s::float8 END"
         " FROM unnest(%s::int8[], %s::text[], %s::text[], %s::bool[], %s::bool[])"
         " AS u (id, status, error, running, done) WHERE d.id = u.id",
-        (now, now, ids, statuses, [errors[i] for i in ids], running, done),
+        (now, now, ids, statuses, errors, running, done),
     )

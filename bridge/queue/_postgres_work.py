@@ -161,7 +161,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
     updates: list[tuple[Any, ...]] = []
     attempts: list[tuple[int, Attempt]] = []
     finished_lanes: set[str] = set()
-    errors: dict[int, str | None] = {}
+    settled: set[int] = set()  # their deliveries
     deployments: list[tuple[str, int, float]] = []
     for item in batch:
         row, s, a = jobs.get(item.job_id), item.settlement, item.settlement.attempt
@@ -195,7 +195,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
         if finished and head:
             finished_lanes.add(lane)
         row[0], row[3], row[4] = s.state, head and not finished, None
-        errors[delivery_id] = clean(s.error)
+        settled.add(delivery_id)
         results.append(True)
     if updates:
         async with conn.cursor() as cur:
@@ -229,7 +229,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
             tuple(list(column) for column in zip(*deployments, strict=True)),
         )
     await promote(conn, finished_lanes)
-    await refresh(conn, errors, max(item.now for item in batch))
+    await refresh(conn, settled, max(item.now for item in batch))
     return results
 
 

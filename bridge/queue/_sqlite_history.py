@@ -152,7 +152,7 @@ def cancel(
     ).fetchone()
     if row[0]:
         promote(conn, target.id, row[1])
-    refresh_delivery(conn, delivery.id, now, error="cancelled by an operator")
+    refresh_delivery(conn, delivery.id, now)
     return build(conn, repo, number)
 
 

@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from bridge.queue import NewJob
-from bridge.states import ACTIVE, JobState, delivery_status
+from bridge.states import ACTIVE, JobState, delivery_error, delivery_status
 
 ACTIVE_SQL = "('pending', 'running', 'retrying')"
 
@@ -68,22 +68,23 @@ def promote(conn: sqlite3.Connection, job_id: int, lane: str) -> None:
     )
 
 
-def refresh_delivery(
-    conn: sqlite3.Connection, delivery_id: int, now: float, error: str | None = None
-) -> None:
-    states = [
-        JobState(r[0])
-        for r in conn.execute("SELECT state FROM jobs WHERE delivery_id = ?", (delivery_id,))
+def refresh_delivery(conn: sqlite3.Connection, delivery_id: int, now: float) -> None:
+    """Derive the delivery's status, error and times from its jobs."""
+    jobs = [
+        (JobState(r[0]), r[1])
+        for r in conn.execute(
+            "SELECT state, error FROM jobs WHERE delivery_id = ? ORDER BY number", (delivery_id,)
+        )
     ]
-    status = delivery_status(states)
+    states = [state for state, _ in jobs]
     done = not (set(states) & ACTIVE)
     conn.execute(
         "UPDATE deliveries SET status = ?, error = COALESCE(?, error),"
         " started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END,"
         " finished_at = ? WHERE id = ?",
         (
-            status,
-            error,
+            delivery_status(states),
+            delivery_error(jobs),
             int(JobState.RUNNING in states),
             now,
             now if done else None,

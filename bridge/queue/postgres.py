@@ -234,7 +234,7 @@ class PostgresQueue:
 
         async def op(conn: Conn) -> list[tuple[Any, ...]]:
             rows = await (await conn.execute(CLAIM_SQL, params)).fetchall()
-            await refresh(conn, {row[13]: None for row in rows}, now)
+            await refresh(conn, [row[13] for row in rows], now)
             return rows
 
         claimed = []
@@ -281,7 +281,7 @@ class PostgresQueue:
                 " RETURNING j.delivery_id",
                 (now, ids, tokens),
             )
-            await refresh(conn, {row[0]: None for row in await cur.fetchall()}, now)
+            await refresh(conn, [row[0] for row in await cur.fetchall()], now)
 
         if ids:
             await self._tx(op)

@@ -519,7 +519,7 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
         _log_attempt(conn, job_id, a)
     if finished and head:
         promote(conn, job_id, lane)
-    refresh_delivery(conn, delivery_id, now, error=s.error)
+    refresh_delivery(conn, delivery_id, now)
     return True
 
 
