@@ -317,6 +317,29 @@ def test_retention_drops_bodies_then_rows_keeping_guids_a_week(url: str) -> None
     assert again is Added.DUPLICATE
 
 
+def test_a_repository_whose_deliveries_were_all_purged_has_no_builds(url: str) -> None:
+    """operator-api.md: a repository with no stored delivery is a 404, also once retention
+    has deleted the last one (its numbering goes on where it was)."""
+    now = time.time()
+
+    async def main(q: Queue) -> tuple[Exception | None, int | None]:
+        await q.add(delivery("ancient", repo="Octo/Gone", jobs=0, at=now - 8 * DAY))
+        await q.purge(now)
+        try:
+            await q.builds("octo/gone", None, Page())
+        except NotFound as exc:
+            refused: Exception | None = exc
+        else:
+            refused = None
+        await q.add(delivery("next", repo="Octo/Gone", jobs=0))
+        again = await q.delivery("next")
+        return refused, None if again is None else again.number
+
+    refused, number = run(main, url, days=1)
+    assert isinstance(refused, NotFound)
+    assert number == 2
+
+
 def test_report_state_says_once_per_change(url: str) -> None:
     async def main(q: Queue) -> list[bool]:
         return [

@@ -89,7 +89,8 @@ async def build(conn: Conn, repo: str, number: int) -> DeliveryRecord:
 
 async def builds(conn: Conn, repo: str, status: str | None, page: Page) -> list[DeliveryRecord]:
     key = clean(repo).lower()
-    cur = await conn.execute("SELECT 1 FROM repos WHERE key = %s", (key,))
+    # Not the repos table: its counter outlives the deliveries that retention deletes.
+    cur = await conn.execute("SELECT 1 FROM deliveries WHERE repo_key = %s LIMIT 1", (key,))
     if await cur.fetchone() is None:
         raise NotFound(f"no delivery for {repo} is stored")
     where, args = "WHERE repo_key = %s", [key]

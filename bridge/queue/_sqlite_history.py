@@ -57,7 +57,9 @@ def builds(
     conn: sqlite3.Connection, repo: str, status: str | None, page: Page
 ) -> list[DeliveryRecord]:
     key = repo.lower()
-    if conn.execute("SELECT 1 FROM repos WHERE key = ?", (key,)).fetchone() is None:
+    # Not the repos table: its counter outlives the deliveries that retention deletes.
+    stored = "SELECT 1 FROM deliveries WHERE repo_key = ? LIMIT 1"
+    if conn.execute(stored, (key,)).fetchone() is None:
         raise NotFound(f"no delivery for {repo} is stored")
     where, args = "repo_key = ?", [key]
     if status is not None:
