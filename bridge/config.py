@@ -202,6 +202,13 @@ class _Section:
         if value and not _is_url(value, schemes):
             self._problem(key, "not a URL")
             return default
+        if value and "@" in urlsplit(value).netloc:
+            # A password there would be shown wherever the URL is (the operator API's
+            # VELA_URL), and aiohttp refuses it beside the Bearer token: every send fails.
+            self._problem(
+                key, "must not contain a user name or password; credentials have keys of their own"
+            )
+            return default
         return value.rstrip("/")
 
     def secret(self, key: str, value: object = None) -> Secret | None:

@@ -490,6 +490,17 @@ def test_a_bad_url_is_not_a_url(key: str, url: str) -> None:
     assert problems_of(with_required(**{section: {name: url}})) == [f"{key}: not a URL"]
 
 
+@pytest.mark.parametrize("key", ["vela.url", "github.api_url", "server.public_url"])
+@pytest.mark.parametrize("userinfo", ["admin:hunter2@", "admin@", ":hunter2@"])
+def test_a_url_with_credentials_is_refused_without_showing_them(key: str, userinfo: str) -> None:
+    section, name = key.split(".")
+    problems = problems_of(with_required(**{section: {name: f"https://{userinfo}host.example"}}))
+    assert problems == [
+        f"{key}: must not contain a user name or password; credentials have keys of their own"
+    ]
+    assert "hunter2" not in " ".join(problems)
+
+
 def test_good_urls_lose_their_trailing_slash() -> None:
     config = parse(
         with_required(
