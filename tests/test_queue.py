@@ -401,6 +401,12 @@ def test_restart_and_cancel_follow_the_rules(url: str) -> None:
         log_job, attempts = await q.job_log("Octo/App", 1, 1)
         assert log_job.state == "success"
         assert [a.http_status for a in attempts] == [422, 201]
+        assert log_job.vela_number == 1 and log_job.exit_code == 201
+        # A restart is a new run: nothing of the last one's answer or times shows.
+        fresh = await q.restart("Octo/App", 1, lambda e, p: "unused", now + 4)
+        assert (fresh.status, fresh.started_at, fresh.finished_at) == ("pending", None, None)
+        [j] = fresh.jobs
+        assert (j.vela_number, j.vela_link, j.exit_code, j.started_at) == (None, "", 0, None)
         for missing in (
             q.build("Octo/App", 99),
             q.cancel("Octo/App", 1, 5, now),

@@ -158,14 +158,16 @@ async def restart(
             check(job.state, JobState.PENDING)
         await conn.execute(
             "UPDATE jobs SET state = 'pending', attempts = 0, first_attempt_at = NULL,"
-            " next_attempt_at = %s, unclear = false, error = '', enqueued_at = %s,"
+            " next_attempt_at = %s, unclear = false, error = '', exit_code = 0,"
+            " vela_number = NULL, vela_link = '', enqueued_at = %s, started_at = NULL,"
             " finished_at = NULL, lease_until = NULL, claim_token = NULL,"
             " head = head OR NOT EXISTS (SELECT 1 FROM jobs o WHERE o.lane = jobs.lane"
             f" AND o.id <> jobs.id AND o.state IN {ACTIVE_SQL}) WHERE id = %s",
             (now, now, job.id),
         )
     await conn.execute(
-        "UPDATE deliveries SET enqueued_at = %s, finished_at = NULL WHERE id = %s",
+        "UPDATE deliveries SET enqueued_at = %s, started_at = NULL, finished_at = NULL"
+        " WHERE id = %s",
         (now, delivery.id),
     )
     await refresh(conn, [delivery.id], now)

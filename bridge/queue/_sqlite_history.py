@@ -120,14 +120,16 @@ def restart(
         lane = conn.execute("SELECT lane FROM jobs WHERE id = ?", (job.id,)).fetchone()[0]
         conn.execute(
             "UPDATE jobs SET state = 'pending', attempts = 0, first_attempt_at = NULL,"
-            " next_attempt_at = ?, unclear = 0, error = '', enqueued_at = ?, finished_at = NULL,"
+            " next_attempt_at = ?, unclear = 0, error = '', exit_code = 0, vela_number = NULL,"
+            " vela_link = '', enqueued_at = ?, started_at = NULL, finished_at = NULL,"
             " head = CASE WHEN head = 1 THEN 1 ELSE NOT EXISTS (SELECT 1 FROM jobs o"
             " WHERE o.lane = ? AND o.id <> ? AND o.state IN ('pending', 'running', 'retrying'))"
             " END WHERE id = ?",
             (now, now, lane, job.id, job.id),
         )
     conn.execute(
-        "UPDATE deliveries SET error = '', enqueued_at = ?, finished_at = NULL WHERE id = ?",
+        "UPDATE deliveries SET error = '', enqueued_at = ?, started_at = NULL, finished_at = NULL"
+        " WHERE id = ?",
         (now, delivery.id),
     )
     refresh_delivery(conn, delivery.id, now)
