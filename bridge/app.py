@@ -68,6 +68,7 @@ def create_app(config: Config) -> Starlette:
             config.retry,
             concurrency=FORWARD_CONCURRENCY,
             probe_seconds=config.vela.auth_retry_seconds,
+            lease_seconds=config.queue.lease_seconds,
             on_settled=talkback.on_settled,
         )
         state.intake = Intake(

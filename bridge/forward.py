@@ -39,6 +39,11 @@ _IDLE_POLL_SECONDS = 1.0
 _BURST_WINDOW = 0.1
 _BURST_DELIVERIES = 20
 _BURST_CONCURRENCY = 4
+# An attempt (a deployment check, a lookup, the send: each up to vela.timeout_seconds)
+# must end within this share of its claim's lease, so that it settles before the lease
+# runs out and the job is taken again while in flight (interface.md: "never in flight
+# twice at once"). One cut short is unclear: the next attempt looks in Vela first.
+_ATTEMPT_SHARE_OF_LEASE = 0.9
 
 
 class Backoff:
@@ -69,9 +74,11 @@ class Forwarder:
         *,
         concurrency: int = 64,
         probe_seconds: float = PAUSE_PROBE_SECONDS,
+        lease_seconds: float = 60.0,
         on_settled: Callable[[ClaimedJob, Settlement], Awaitable[None]] | None = None,
     ) -> None:
         self._queue = queue
+        self._attempt_seconds = lease_seconds * _ATTEMPT_SHARE_OF_LEASE
         self._vela = vela
         self._retry = retry
         self._backoff = Backoff(retry)
@@ -210,19 +217,23 @@ class Forwarder:
         clock = time.monotonic()
         endpoint = job.endpoint
         try:
-            endpoint, path, body = await self._target(job)
-            if job.unclear:
-                found = await self._find(job, endpoint, body)
-                if found is not None:
-                    return Settlement(
-                        JobState.SUCCESS,
-                        None,
-                        consumed=False,
-                        vela_number=found.number,
-                        vela_link=found.link,
-                        vela_deployment=found.number if endpoint == "deployments" else None,
-                    ), endpoint
-            answer = await self._vela.send(path, body, job.guid)
+            async with asyncio.timeout(self._attempt_seconds):
+                endpoint, path, body = await self._target(job)
+                if job.unclear:
+                    found = await self._find(job, endpoint, body)
+                    if found is not None:
+                        return Settlement(
+                            JobState.SUCCESS,
+                            None,
+                            consumed=False,
+                            vela_number=found.number,
+                            vela_link=found.link,
+                            vela_deployment=found.number if endpoint == "deployments" else None,
+                        ), endpoint
+                answer = await self._vela.send(path, body, job.guid)
+        except TimeoutError:
+            late = Retryable(f"the attempt took longer than {self._attempt_seconds:g} s")
+            return self._failed(job, late, started, time.monotonic() - clock), endpoint
         except ForwardError as exc:
             return self._failed(job, exc, started, time.monotonic() - clock), endpoint
         attempt = Attempt(started, time.monotonic() - clock, answer.status, "", answer.excerpt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import threading
 import time
 import uuid
@@ -246,3 +247,44 @@ def test_stop_ends_an_attempt_whose_lease_was_retaken(tmp_path: Path, vela: Fake
     assert len(vela.requests) >= 2  # the job really was claimed twice
     assert left == []
     assert state is JobState.RETRYING and unclear  # released: looked up in Vela before resending
+
+
+def test_an_attempt_ends_before_its_lease_so_a_job_is_never_in_flight_twice(
+    tmp_path: Path, vela: FakeVela
+) -> None:
+    """An attempt can outlast the lease although each request is within vela.timeout_seconds
+    (a deployment check, a lookup and the send each take one): it is cut short before the
+    lease ends, as unclear, so the job is never taken again while its attempt still runs."""
+    vela.script(Reply(201, {"number": 1}, delay=3.0))  # slow, within the client's timeout
+
+    async def main() -> tuple[JobState, list[Any]]:
+        queue = await open_queue(
+            f"sqlite:///{tmp_path / 'q.db'}", lease_seconds=1.5, retention_days=1
+        )
+        client = VelaClient(vela.url, Secret(vela.token), timeout=10, connections=4)
+        await client.open()
+        retry = RetryConfig(initial_backoff_seconds=0.1)
+        forwarder = Forwarder(queue, client, retry, concurrency=4, lease_seconds=1.5)
+        try:
+            await queue.add(delivery("g"))
+            forwarder.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                job, attempts = await queue.job_log("Octo/App", 1, 1)
+                if job.state is JobState.SUCCESS:
+                    break
+                await asyncio.sleep(0.05)
+            await forwarder.stop(grace=5)
+            job, attempts = await queue.job_log("Octo/App", 1, 1)
+            return job.state, attempts
+        finally:
+            await client.close()
+            await queue.close()
+
+    state, attempts = asyncio.run(main())
+    assert state is JobState.SUCCESS
+    for one, following in itertools.pairwise(attempts):  # one at a time
+        assert one.started_at + one.duration <= following.started_at, attempts
+    first, *later = attempts
+    assert first.error == "the attempt took longer than 1.35 s" and first.duration < 1.5
+    assert later and later[-1].http_status == 201
