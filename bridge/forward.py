@@ -270,7 +270,9 @@ class Forwarder:
         """After an unclear attempt: what an earlier attempt may have created in Vela."""
         request = orjson.loads(body)
         if endpoint == "deployments":
-            since = job.first_attempt_at or 0.0
+            # Not an older deployment of the same ref and environment (a routine redeploy):
+            # one made since this run of the job was first claimed.
+            since = job.first_claimed_at or job.first_attempt_at or 0.0
             return await self._vela.find_deployment(job.org, job.repo, request, since)
         return await self._vela.find_build(job.org, job.repo, request)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
 import threading
 import time
@@ -13,14 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bridge.config import RetryConfig, Secret
 from bridge.forward import Forwarder
-from bridge.queue import open_queue
-from bridge.states import JobState
+from bridge.queue import NewJob, open_queue
+from bridge.states import ACTIVE, JobState
 from bridge.vela import VelaClient
 from tests.fakes.vela import FakeVela, Reply
 from tests.support import Bridge, payload
-from tests.test_queue import delivery
+from tests.test_queue import DAY, delivery
 
 PUSH = payload("hand.push.feature-branch.json")
 
@@ -288,3 +291,49 @@ def test_an_attempt_ends_before_its_lease_so_a_job_is_never_in_flight_twice(
     first, *later = attempts
     assert first.error == "the attempt took longer than 1.35 s" and first.duration < 1.5
     assert later and later[-1].http_status == 201
+
+
+def test_after_a_crash_the_lookup_ignores_an_older_deployment_of_the_same_ref(
+    tmp_path: Path, vela: FakeVela
+) -> None:
+    """A job claimed by a process that died before sending is looked up in Vela on restart,
+    as unclear. Yesterday's deployment of the same ref to the same environment (same
+    fields) is not what this run sent: the deployment is still requested, once."""
+    request = {"ref": "main", "target": "production", "task": "deploy", "description": "ship"}
+    yesterday = {**request, "id": 4000, "number": 4000, "created_at": int(time.time()) - DAY}
+    vela.deployments["Octo/App"] = {4000: yesterday}
+    job = NewJob("deployments", "Octo", "App", "/api/v1/deployments/Octo/App",
+                 orjson.dumps(request), "octo/app deploy:production")  # fmt: skip
+    new = dataclasses.replace(delivery("deploy"), github_event="deployment", jobs=(job,))
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+
+    async def crash() -> None:
+        queue = await open_queue(url, lease_seconds=60, retention_days=1)
+        await queue.add(new)
+        assert await queue.claim(1, time.time())  # and then the process dies
+        await queue.close()
+
+    async def restart() -> tuple[JobState, int | None]:
+        queue = await open_queue(url, lease_seconds=60, retention_days=1)  # releases the claim
+        client = VelaClient(vela.url, Secret(vela.token), timeout=10, connections=4)
+        await client.open()
+        forwarder = Forwarder(queue, client, RetryConfig(), concurrency=4)
+        try:
+            forwarder.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                found, _ = await queue.job_log("Octo/App", 1, 1)
+                if found.state not in ACTIVE:
+                    break
+                await asyncio.sleep(0.05)
+            await forwarder.stop(grace=5)
+            return found.state, found.vela_number
+        finally:
+            await client.close()
+            await queue.close()
+
+    asyncio.run(crash())
+    state, number = asyncio.run(restart())
+    assert [r.method for r in vela.requests] == ["GET", "POST"]  # the lookup, then the send
+    assert state is JobState.SUCCESS
+    assert number in vela.deployments["Octo/App"] and number != 4000  # a new deployment

@@ -275,6 +275,28 @@ def test_the_delivery_error_is_the_error_of_the_job_that_decides_its_status(url:
     ]
 
 
+def test_a_claim_says_when_the_jobs_run_was_first_claimed(url: str) -> None:
+    """What a lookup after an unclear attempt may match is no older than this; a restart
+    begins a new run."""
+
+    t = time.time()
+
+    async def main(q: Queue) -> list[float | None]:
+        await q.add(delivery("g", at=t))
+        seen = []
+        for at in (t + 1, t + 2):
+            [job] = await q.claim(10, at)
+            seen.append(job.first_claimed_at)
+            await q.release([job.id], at)
+        [job] = await q.claim(10, t + 3)
+        await q.settle(job.id, success(t + 3), t + 3, claim=job.claim)
+        await q.restart("Octo/App", 1, lambda e, p: "unused", t + 4)
+        [job] = await q.claim(10, t + 5)
+        return [*seen, job.first_claimed_at]
+
+    assert run(main, url) == [t + 1, t + 1, t + 5]
+
+
 def test_a_delivery_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     """SQLite: one bad row makes the bulk insert fail; the batch is run again item by item."""
     bad = dataclasses.replace(delivery("bad"), payload=object())  # SQLite cannot bind it

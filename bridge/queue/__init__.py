@@ -65,6 +65,9 @@ class ClaimedJob:
     # Which claim this is: settle() takes it back, so that an attempt whose lease ran out
     # and was taken again cannot record its outcome over the new claim's.
     claim: int | None = None
+    # When this run of the job (since it was queued or restarted) was first claimed:
+    # nothing an earlier attempt of the run sent to Vela is older.
+    first_claimed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

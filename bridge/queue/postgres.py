@@ -95,7 +95,8 @@ CLAIM_SQL = (
     " unclear = j.unclear OR j.state = 'running', started_at = COALESCE(j.started_at, %(now)s)"
     " FROM due, deliveries d WHERE j.id = due.id AND d.id = j.delivery_id"
     " RETURNING j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, j.body, j.attempts,"
-    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, j.lane, j.fallback"
+    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, j.lane, j.fallback,"
+    " j.started_at"
 )
 _DEDUPE_SECONDS = 7 * 86_400  # interface.md: GUIDs are kept at least 7 days
 _MAX_BATCH = 256
@@ -245,7 +246,7 @@ class PostgresQueue:
                     id=row[0], guid=row[1], number=row[2], endpoint=row[3], org=row[4],
                     repo=row[5], path=row[6], body=row[7], attempts=row[8],
                     first_attempt_at=row[9], unclear=row[10], github_event=row[11],
-                    action=row[12], fallback=row[15], claim=token,
+                    action=row[12], fallback=row[15], claim=token, first_claimed_at=row[16],
                 )
             )  # fmt: skip
         return claimed

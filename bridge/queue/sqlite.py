@@ -135,7 +135,8 @@ CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
 # Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog.
 CLAIM_SQL = (
     "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
-    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, b.fallback"
+    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, b.fallback,"
+    " j.started_at"
     " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
     " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
     " ORDER BY j.next_attempt_at LIMIT ?"
@@ -144,7 +145,8 @@ CLAIM_SQL = (
 # taken again, as unclear. Few rows: only running jobs are in the jobs_running index.
 EXPIRED_SQL = (
     "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
-    " j.first_attempt_at, 1, d.github_event, d.action, j.delivery_id, b.fallback"
+    " j.first_attempt_at, 1, d.github_event, d.action, j.delivery_id, b.fallback,"
+    " j.started_at"
     " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
     " WHERE j.state = 'running' AND j.lease_until < ? LIMIT ?"
 )
@@ -474,6 +476,7 @@ def _claim(
                 action=row[12],
                 fallback=row[14],
                 claim=number,
+                first_claimed_at=now if row[15] is None else row[15],
             )
         )
     return claimed
