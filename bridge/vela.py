@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
@@ -59,8 +59,15 @@ def classify(status: int, text: str, retry_after: str | None = None, *, now: flo
     if 200 <= status < 300:
         if isinstance(data, str):  # Vela's "nothing to run" answer is a bare JSON string
             return Skipped(status, excerpt, reason=data)
-        number = data.get("number") if isinstance(data, dict) else None
-        link = data.get("link") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            # Not Vela's answer (a proxy's login page, an empty body): nothing says a build
+            # exists, nor that none does. Unclear: the next attempt looks before re-sending.
+            raise Retryable(
+                f"Vela answered {status} without a build: {excerpt or 'an empty body'}",
+                status_code=status,
+                body=excerpt,
+            )
+        number, link = data.get("number"), data.get("link")
         return Accepted(
             status,
             excerpt,
@@ -83,6 +90,19 @@ def classify(status: int, text: str, retry_after: str | None = None, *, now: flo
             sent=status in _MAYBE_CREATED,
         )
     raise Rejected(f"Vela rejected it: {message}", status_code=status, body=excerpt)
+
+
+def _redirected(status: int, location: str) -> Retryable:
+    """A redirect is not followed (aiohttp would turn the POST into a GET): the request was
+    not handled, and vela.url is likely not the address Vela answers on."""
+    to = urlsplit(location)
+    shown = f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}" if to.netloc else to.path
+    return Retryable(
+        f"Vela answered {status}, a redirect to {shown or 'nowhere'}: set vela.url to the"
+        " address Vela answers on",
+        status_code=status,
+        sent=False,
+    )
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -214,8 +234,12 @@ class VelaClient:
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, str, str | None]:
         assert self._session is not None, "VelaClient.open() was not awaited"
         try:
-            async with self._session.request(method, self._url + path, **kwargs) as response:
+            async with self._session.request(
+                method, self._url + path, allow_redirects=False, **kwargs
+            ) as response:
                 text = await response.text(errors="replace")
+                if 300 <= response.status < 400:
+                    raise _redirected(response.status, response.headers.get("Location", ""))
                 return response.status, text, response.headers.get("Retry-After")
         except aiohttp.ClientConnectorError as exc:
             raise Retryable(f"cannot connect to Vela: {exc.os_error}", sent=False) from None

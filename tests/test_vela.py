@@ -58,16 +58,33 @@ def test_a_build_without_link_is_accepted_with_empty_link() -> None:
     [
         pytest.param('{"number": "42", "link": 5}', id="wrong-types"),
         pytest.param('{"number": true}', id="bool-is-not-a-number"),
-        pytest.param("[1, 2]", id="array"),
-        pytest.param("created", id="not-json"),
-        pytest.param("", id="empty"),
+        pytest.param('{"id": 7}', id="no-number"),
     ],
 )
-def test_a_2xx_without_a_usable_build_is_accepted_without_number(text: str) -> None:
+def test_a_2xx_object_without_a_usable_number_is_accepted_without_one(text: str) -> None:
     # Vela said it created something: sending again would duplicate it.
     answer = classify(201, text)
     assert isinstance(answer, Accepted)
     assert (answer.number, answer.link) == (None, "")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        pytest.param("[1, 2]", "[1, 2]", id="array"),
+        pytest.param("created", "created", id="not-json"),
+        pytest.param("<html><body>Sign in</body></html>", "<html>", id="a-proxy-login-page"),
+        pytest.param("", "an empty body", id="empty"),
+        pytest.param("42", "42", id="a-number"),
+    ],
+)
+def test_a_2xx_that_is_not_a_build_is_unclear(text: str, shown: str) -> None:
+    """Not Vela's answer: neither a success nor proof of none; retried after a lookup."""
+    with pytest.raises(Retryable) as caught:
+        classify(200, text)
+    assert caught.value.message.startswith("Vela answered 200 without a build: ")
+    assert shown in caught.value.message
+    assert caught.value.sent is True
 
 
 def test_a_json_string_is_velas_nothing_to_run() -> None:
@@ -393,6 +410,20 @@ def test_a_scripted_json_string_is_skipped(vela: FakeVela) -> None:
     vela.script(Reply(200, "no pipeline steps to run"))
     answer = send(vela, request_body())
     assert isinstance(answer, Skipped) and answer.reason == "no pipeline steps to run"
+
+
+def test_a_redirect_is_not_followed(vela: FakeVela) -> None:
+    """aiohttp would follow it as a GET and return the page: a false success."""
+    login = "https://sso.example.com/login?state=s3cr3t&next=/api"
+    vela.script(Reply(302, None, headers={"Location": login}))
+    with pytest.raises(Retryable) as caught:
+        send(vela, request_body())
+    assert caught.value.message == (
+        "Vela answered 302, a redirect to https://sso.example.com/login:"
+        " set vela.url to the address Vela answers on"
+    )
+    assert caught.value.sent is False
+    assert [(r.method, r.path) for r in vela.requests] == [("POST", PATH)]
 
 
 def test_a_refused_connection_is_retryable_and_not_sent(vela: FakeVela) -> None:
