@@ -137,6 +137,25 @@ def test_retries_stop_after_max_age(make_bridge: Any, vela: FakeVela) -> None:
     assert time.time() - start < 5
 
 
+def test_time_paused_on_a_refused_token_does_not_count_towards_max_age(
+    make_bridge: Any, vela: FakeVela
+) -> None:
+    """interface.md: a 401 or 403 fails nothing. A job that waited out a pause longer than
+    retry.max_age_seconds is still retried on its first transient error after it."""
+    bridge = make_bridge(
+        vela={"auth_retry_seconds": 0.3}, retry={"max_age_seconds": 1.5, "max_attempts": 10}
+    )
+    vela.always(Reply(401, {"error": "token expired"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    time.sleep(2.0)  # paused longer than max_age
+    assert vela.posts() and bridge.delivery(guid)["status"] == "running"
+    vela.always(None)
+    vela.script(Reply(503, {"error": "busy"}))
+    stored = bridge.wait_status(guid, "success")
+    assert stored["jobs"][0]["attempts"] == 2  # the 503 and the success; no 401 counted
+
+
 def test_vela_skips_are_skipped(bridge: Bridge, vela: FakeVela) -> None:
     vela.script(
         Reply(200, "no steps to run for this event"),

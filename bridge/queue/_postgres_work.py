@@ -183,7 +183,8 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
             continue
         finished = s.state in FINISHED
         updates.append((
-            s.state, int(s.consumed), a.started_at if a else None, s.next_attempt_at or item.now,
+            s.state, int(s.consumed), a.started_at if a and s.consumed else None,
+            s.next_attempt_at or item.now,
             s.unclear, a.http_status if a else None, clean(s.error), s.vela_number,
             clean(s.vela_link),
             item.now if finished else None, not finished, item.job_id,

@@ -500,7 +500,7 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
         (
             s.state,
             int(s.consumed),
-            a.started_at if a else None,
+            a.started_at if a and s.consumed else None,  # retry.max_age counts from it
             s.next_attempt_at or now,
             int(s.unclear),
             a.http_status if a else None,
