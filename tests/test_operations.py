@@ -36,7 +36,7 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 def test_metrics_count_a_known_sequence(make_bridge: Any, vela: FakeVela) -> None:
     bridge = make_bridge(server={"max_body_bytes": 20_000})
-    vela.script(Reply(201), Reply(422, {"error": "bad pipeline"}))
+    vela.script(Reply(201, {"id": 1, "number": 1}), Reply(422, {"error": "bad pipeline"}))
     ok, failed = str(uuid.uuid4()), str(uuid.uuid4())
     assert bridge.send("push", push("refs/heads/a"), guid=ok).status_code == 202
     assert bridge.send("push", push("refs/heads/b"), guid=failed).status_code == 202
