@@ -269,12 +269,13 @@ class Forwarder:
     async def _find(self, job: ClaimedJob, endpoint: str, body: bytes) -> Accepted | None:
         """After an unclear attempt: what an earlier attempt may have created in Vela."""
         request = orjson.loads(body)
+        # Not an older build or deployment of the same commit, ref or environment (a
+        # routine redeploy, a commit pushed again): one made since this run of the job
+        # was first claimed.
+        since = job.first_claimed_at or job.first_attempt_at or 0.0
         if endpoint == "deployments":
-            # Not an older deployment of the same ref and environment (a routine redeploy):
-            # one made since this run of the job was first claimed.
-            since = job.first_claimed_at or job.first_attempt_at or 0.0
             return await self._vela.find_deployment(job.org, job.repo, request, since)
-        return await self._vela.find_build(job.org, job.repo, request)
+        return await self._vela.find_build(job.org, job.repo, request, since)
 
     def _failed(
         self, job: ClaimedJob, exc: ForwardError, started: float, took: float

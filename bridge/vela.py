@@ -26,6 +26,8 @@ from bridge.errors import ForwardError, Rejected, Retryable, Unauthorized
 USER_AGENT = f"vela-bridge/{__version__}"
 _EXCERPT = 300
 _MAYBE_CREATED = frozenset({500, 502, 504})
+# Seconds a Vela server's clock may run behind ours when comparing creation times.
+_CLOCK_SLACK = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,20 @@ def _repo_path(collection: str, org: str, repo: str) -> str:
     return f"/api/v1/{collection}/{quote(org, safe='')}/{quote(repo, safe='')}"
 
 
+def _same_build(build: Mapping[str, Any], body: Mapping[str, Any], since: float) -> bool:
+    """Whether Vela's ``build`` (same commit and event) is the one ``body`` asked for, made
+    since ``since``. What an older Vela leaves out or empty is not held against it."""
+    if any(build.get(k) != body.get(k) for k in ("source", "ref") if k in body):
+        return False
+    action = build.get("event_action")
+    if action and "event_action" in body and action != body["event_action"]:
+        return False
+    created = build.get("created")
+    if isinstance(created, int | float) and not isinstance(created, bool) and created > 0:
+        return created >= since - _CLOCK_SLACK
+    return True
+
+
 def _json_list(text: str, status: int) -> list[dict[str, Any]]:
     try:
         items = orjson.loads(text)
@@ -204,17 +220,22 @@ class VelaClient:
             classify(status, text, retry_after)
         for item in _json_list(text, status):
             created = item.get("created_at")
-            recent = isinstance(created, int | float) and created >= since - 5
+            recent = isinstance(created, int | float) and created >= since - _CLOCK_SLACK
             if recent and all(item.get(k) == v for k, v in body.items()):
                 number = item.get("number")
                 return Accepted(status, "", number=number if isinstance(number, int) else None)
         return None
 
-    async def find_build(self, org: str, repo: str, body: Mapping[str, Any]) -> Accepted | None:
-        """Vela's build for this request, if an earlier unclear attempt created one.
+    async def find_build(
+        self, org: str, repo: str, body: Mapping[str, Any], since: float = 0.0
+    ) -> Accepted | None:
+        """Vela's build for this request, if an earlier unclear attempt (made no earlier
+        than ``since``) created one.
 
         interface.md: ``GET …/builds?commit=<sha>&event=<event>``, matching on
-        ``source`` and ``ref`` too.
+        ``source`` and ``ref`` too; and, where Vela's build says them, on the action (a
+        pull request's ``labeled`` build has its ``opened`` build's commit) and on being
+        created since (a commit pushed again later has its earlier build).
         """
         params = {"commit": str(body.get("commit", "")), "event": str(body.get("event", ""))}
         status, text, retry_after = await self._request(
@@ -225,7 +246,7 @@ class VelaClient:
         if not 200 <= status < 300:
             classify(status, text, retry_after)  # raises for every non-2xx
         for build in _json_list(text, status):
-            if all(build.get(k) == body.get(k) for k in ("source", "ref") if k in body):
+            if _same_build(build, body, since):
                 answer = classify(status, orjson.dumps(build).decode())
                 if isinstance(answer, Accepted):
                     return answer

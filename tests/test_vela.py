@@ -470,6 +470,27 @@ def test_find_build_matches_source_and_ref(vela: FakeVela) -> None:
     assert find(vela, request_body(ref="refs/heads/other")) is None
 
 
+def test_find_build_is_not_fooled_by_an_earlier_build_of_the_same_commit(vela: FakeVela) -> None:
+    """A pull request's ``labeled`` build shares its commit with the ``opened`` one, and a
+    commit pushed again has its earlier build: neither is what an unclear attempt made."""
+    opened = request_body(event="pull_request", event_action="opened")
+    send(vela, opened)  # build 1, created now
+    labeled = request_body(event="pull_request", event_action="labeled")
+    assert find(vela, labeled) is None
+    assert find(vela, opened).number == 1
+
+    def since(at: float) -> Any:
+        return with_client(vela, lambda c: c.find_build("octo-org", "web.app", opened, at))
+
+    assert since(time.time() + 60) is None  # made before this run was first claimed
+    assert since(time.time() - 60).number == 1
+    # An older Vela that records neither: the commit, event, source and ref decide.
+    for build in vela.builds["octo-org/web.app"]:
+        del build["event_action"], build["created"]
+    assert find(vela, labeled).number == 1
+    assert since(time.time() + 60).number == 1
+
+
 def test_find_build_needs_commit_and_event_to_match(vela: FakeVela) -> None:
     send(vela, request_body())
     assert find(vela, request_body(commit="f" * 40)) is None

@@ -195,6 +195,7 @@ class FakeVela:
                 "number": len(builds) + 1,
                 "status": "pending",
                 "link": f"{self.url}/{org}/{repo}/{len(builds) + 1}",
+                "created": int(time.time()),
             }
             builds.append(build)
         return await self._answer(request, build)
