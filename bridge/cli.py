@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "deliveries":
             sub.add_argument("--repo", help="owner/name: that repository's builds")
             sub.add_argument("--status", help="pending, running, success, failure, killed, skipped")
-            sub.add_argument("--event", help="GitHub event (without --repo)")
+            sub.add_argument(
+                "--event", help="GitHub event, or event.action as listed (without --repo)"
+            )
             sub.add_argument("--guid", help="X-GitHub-Delivery (without --repo)")
             sub.add_argument("--page", default="1")
             sub.add_argument("--per-page", default="25")

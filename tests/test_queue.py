@@ -488,6 +488,12 @@ def test_listings_page_and_filter_newest_first(url: str) -> None:
         assert len(everything) == 8
         assert [d.guid for d in await q.deliveries("g4", None, None, Page())] == ["g4"]
         assert await q.deliveries(None, "pending", "pull_request", Page()) == []
+        await q.add(
+            dataclasses.replace(delivery("pr"), github_event="pull_request", action="opened")
+        )
+        for event in ("pull_request", "pull_request.opened"):  # as GitHub names it, or as shown
+            assert [d.guid for d in await q.deliveries(None, None, event, Page())] == ["pr"]
+        assert await q.deliveries(None, None, "pull_request.closed", Page()) == []
         assert await q.delivery("nobody") is None
 
     run(main, url)

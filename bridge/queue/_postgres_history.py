@@ -25,7 +25,12 @@ from bridge.queue._postgres_rows import (
     refresh,
 )
 from bridge.queue._postgres_schema import ACTIVE_SQL, NS_OPERATOR
-from bridge.queue._records import DELIVERY_COLUMNS, JOB_COLUMNS, build_records
+from bridge.queue._records import (
+    DELIVERY_COLUMNS,
+    JOB_COLUMNS,
+    build_records,
+    delivery_filters,
+)
 from bridge.states import ACTIVE, FINISHED, JobState, check
 
 _BIGINT = 2**63 - 1
@@ -104,11 +109,9 @@ async def builds(conn: Conn, repo: str, status: str | None, page: Page) -> list[
 async def deliveries(
     conn: Conn, guid: str | None, status: str | None, event: str | None, page: Page
 ) -> list[DeliveryRecord]:
-    clauses, args = [], []
-    for column, value in (("guid", guid), ("status", status), ("github_event", event)):
-        if value is not None:
-            clauses.append(f"{column} = %s")
-            args.append(clean(value))
+    filters = delivery_filters(guid, status, event)
+    clauses = [f"{column} = %s" for column, _ in filters]
+    args: list[Any] = [clean(value) for _, value in filters]
     where = "WHERE " + " AND ".join(clauses) if clauses else ""
     return await _select(
         conn, where + " ORDER BY id DESC LIMIT %s OFFSET %s", [*args, *_window(page)]

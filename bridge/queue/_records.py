@@ -47,3 +47,16 @@ def build_records(
         )
         for r in rows
     ]  # fmt: skip
+
+
+def delivery_filters(
+    guid: str | None, status: str | None, event: str | None
+) -> list[tuple[str, str]]:
+    """The ``(column, value)`` pairs the deliveries listing must match. ``event`` is the
+    GitHub event (``pull_request``, every action) or, as the build object's
+    ``github_event`` shows it, with its action (``pull_request.synchronize``)."""
+    pairs = [("guid", guid), ("status", status)]
+    if event is not None:
+        name, dot, action = event.partition(".")
+        pairs += [("github_event", name)] + ([("action", action)] if dot else [])
+    return [(column, value) for column, value in pairs if value is not None]

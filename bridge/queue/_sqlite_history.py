@@ -15,7 +15,12 @@ import orjson
 
 from bridge.errors import Conflict, NotFound
 from bridge.queue import Attempt, DeliveryRecord, JobRecord, Page, Reconvert
-from bridge.queue._records import DELIVERY_COLUMNS, JOB_COLUMNS, build_records
+from bridge.queue._records import (
+    DELIVERY_COLUMNS,
+    JOB_COLUMNS,
+    build_records,
+    delivery_filters,
+)
 from bridge.queue._sqlite_rows import insert_jobs, promote, refresh_delivery
 from bridge.states import ACTIVE, FINISHED, JobState, check
 
@@ -75,11 +80,8 @@ def builds(
 def deliveries(
     conn: sqlite3.Connection, guid: str | None, status: str | None, event: str | None, page: Page
 ) -> list[DeliveryRecord]:
-    clauses, args = [], []
-    for column, value in (("guid", guid), ("status", status), ("github_event", event)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            args.append(value)
+    filters = delivery_filters(guid, status, event)
+    clauses, args = [f"{column} = ?" for column, _ in filters], [value for _, value in filters]
     where = " WHERE " + " AND ".join(clauses) if clauses else ""
     rows = conn.execute(
         f"SELECT {DELIVERY_COLUMNS} FROM {_DELIVERIES}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
