@@ -188,9 +188,11 @@ class Forwarder:
         return self._inflight.get(job.id) is asyncio.current_task()
 
     async def _run(self, job: ClaimedJob) -> None:
+        settled = False
         try:
             settlement, endpoint = await self._attempt(job)
             recorded = await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
+            settled = True
             _count(endpoint, settlement, finished=recorded)
             if not recorded:  # its lease was retaken: the new claim's outcome is the one
                 return
@@ -200,16 +202,25 @@ class Forwarder:
         except QueueError as exc:
             # Its claim stays until queue.lease_seconds runs out; then it is taken again.
             log.error("cannot settle job %s: %s", job.id, exc, extra=_fields(job))
-        except Exception:  # a bug here must not leave the job claimed and its lane blocked
-            log.exception("job %s failed unexpectedly; releasing it", job.id, extra=_fields(job))
-            if self._runs(job):
-                with contextlib.suppress(QueueError):
-                    await self._queue.release([job.id], time.time())
+        except Exception as exc:  # a bug: the job must not stay claimed, its lane blocked
+            log.exception("job %s failed unexpectedly", job.id, extra=_fields(job))
+            if not settled and self._runs(job):
+                await self._settle_bug(job, exc)
         finally:
             if self._runs(job):
                 del self._inflight[job.id]
             self._slot_free.set()
             self._wake.set()  # the lane may have a next job now
+
+    async def _settle_bug(self, job: ClaimedJob, exc: Exception) -> None:
+        """An attempt that failed on a bug of the bridge counts as a failed attempt, unclear
+        (it may have sent): retried after a backoff, then a failure, never a hot loop."""
+        why = Retryable(f"the bridge failed on this job ({type(exc).__name__}); see its log")
+        settlement = self._failed(job, why, time.time(), 0.0)
+        try:
+            await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
+        except Exception:  # the queue refused it too: the lease ends the claim
+            log.exception("job %s: cannot record the failure", job.id, extra=_fields(job))
 
     async def _attempt(self, job: ClaimedJob) -> tuple[Settlement, str]:
         """One attempt at the job: the settlement, and the endpoint it went to."""

@@ -356,3 +356,46 @@ def test_after_a_crash_the_lookup_ignores_an_older_deployment_of_the_same_ref(
     assert [r.method for r in vela.requests] == ["GET", "POST"]  # the lookup, then the send
     assert state is JobState.SUCCESS
     assert number in vela.deployments["Octo/App"] and number != 4000  # a new deployment
+
+
+def test_a_bug_in_an_attempt_is_a_failed_attempt_not_a_hot_loop(
+    tmp_path: Path, vela: FakeVela, caplog: Any
+) -> None:
+    """An attempt that raises something unforeseen backs off like any failed attempt and
+    ends as a failure after retry.max_attempts, instead of being claimed again at once."""
+
+    class Broken(Forwarder):
+        async def _target(self, job: Any) -> tuple[str, str, bytes]:
+            raise RuntimeError("a bug")
+
+    async def main() -> tuple[str, str, int]:
+        queue = await open_queue(
+            f"sqlite:///{tmp_path / 'q.db'}", lease_seconds=60, retention_days=1
+        )
+        client = VelaClient(vela.url, Secret(vela.token), timeout=10, connections=4)
+        await client.open()
+        retry = RetryConfig(max_attempts=3, initial_backoff_seconds=0.2)
+        forwarder = Broken(queue, client, retry, concurrency=4)
+        try:
+            await queue.add(delivery("g"))
+            forwarder.start()
+            deadline = time.monotonic() + 10
+            while (d := await queue.delivery("g")) is not None and d.status != "failure":
+                assert time.monotonic() < deadline, d.status
+                await asyncio.sleep(0.05)
+            await forwarder.stop(grace=1)
+            job, _ = await queue.job_log("Octo/App", 1, 1)
+            return job.state, job.error, job.attempts
+        finally:
+            await client.close()
+            await queue.close()
+
+    state, error, attempts = asyncio.run(main())
+    assert (state, attempts) == ("failure", 3)
+    assert (
+        error
+        == "gave up after 3 attempts: the bridge failed on this job (RuntimeError); see its log"
+    )
+    assert vela.requests == []
+    logged = [r for r in caplog.records if r.getMessage() == "job 1 failed unexpectedly"]
+    assert len(logged) == 3 and logged[0].exc_info is not None
