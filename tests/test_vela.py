@@ -253,6 +253,23 @@ def test_parse_retry_after_dates() -> None:
     assert parse_retry_after(http_date(NOW - 600), NOW) == 0.0
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["Fri Nov 22 08:01:00 2024", "Fri, 22 Nov 2024 08:01:00 -0000"],
+    ids=["asctime", "-0000"],
+)
+def test_a_retry_after_date_without_a_zone_is_gmt_whatever_the_local_zone(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after(value, NOW) == pytest.approx(60.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_parse_retry_after_never_negative() -> None:
     assert parse_retry_after("-30", NOW) in (None, 0.0)
 
