@@ -554,6 +554,24 @@ def test_claims_of_a_dead_process_are_released_on_open(tmp_path: Path) -> None:
     assert [job.unclear for job in claimed] == [True]
 
 
+def test_a_queue_opened_through_a_symlink_syncs_and_locks_the_real_file(tmp_path: Path) -> None:
+    real, link = tmp_path / "real.db", tmp_path / "link.db"
+    real.touch()
+    link.symlink_to(real)
+
+    async def main() -> None:
+        q = await open_queue(f"sqlite:///{link}", lease_seconds=60, retention_days=1)
+        try:
+            await q.add(delivery("g"))
+            with pytest.raises(QueueLocked):
+                await open_queue(f"sqlite:///{real}", lease_seconds=60, retention_days=1)
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+    assert not (tmp_path / "link.db-wal").exists()
+
+
 def test_a_second_queue_on_the_same_file_is_refused(tmp_path: Path) -> None:
     async def main(q: Queue) -> None:
         with pytest.raises(QueueLocked):

@@ -167,7 +167,9 @@ class SQLiteQueue:
     @classmethod
     async def open(cls, path: str, *, lease_seconds: float, retention_days: float) -> SQLiteQueue:
         """Open (creating) the file, take the one-process lock, release stale claims."""
-        file = Path(path)
+        # Through any symlink: SQLite writes its log beside the real file, and that log is
+        # the one to sync and the file the lock must cover.
+        file = Path(path).resolve()
         lock = _lock(file)
         writer = Writer(lambda: _connect(file), file, _add_many)
         try:
@@ -327,7 +329,7 @@ class SQLiteQueue:
 
 def check_free(path: str) -> None:
     """Raise QueueLocked (or QueueUnavailable) now, before a server starts, if open() would."""
-    os.close(_lock(Path(path)))
+    os.close(_lock(Path(path).resolve()))
 
 
 def _lock(file: Path) -> int:
