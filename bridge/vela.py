@@ -156,10 +156,15 @@ def _same_build(build: Mapping[str, Any], body: Mapping[str, Any], since: float)
     action = build.get("event_action")
     if action and "event_action" in body and action != body["event_action"]:
         return False
-    created = build.get("created")
-    if isinstance(created, int | float) and not isinstance(created, bool) and created > 0:
-        return created >= since - _CLOCK_SLACK
-    return True
+    return _made_since(build.get("created"), since) is not False
+
+
+def _made_since(created: Any, since: float) -> bool | None:
+    """Whether a Vela creation time (Unix seconds) is ``since`` or later; None when Vela
+    gave none."""
+    if not isinstance(created, int | float) or isinstance(created, bool) or created <= 0:
+        return None
+    return created >= since - _CLOCK_SLACK
 
 
 def _json_list(text: str, status: int) -> list[dict[str, Any]]:
@@ -222,8 +227,7 @@ class VelaClient:
         if not 200 <= status < 300:
             classify(status, text, retry_after)
         for item in _json_list(text, status):
-            created = item.get("created_at")
-            recent = isinstance(created, int | float) and created >= since - _CLOCK_SLACK
+            recent = _made_since(item.get("created_at"), since)
             if recent and all(item.get(k) == v for k, v in body.items()):
                 number = item.get("number")
                 return Accepted(status, "", number=number if isinstance(number, int) else None)

@@ -130,8 +130,7 @@ def restart(
             (now, now, lane, job.id, job.id),
         )
     conn.execute(
-        "UPDATE deliveries SET error = '', enqueued_at = ?, started_at = NULL, finished_at = NULL"
-        " WHERE id = ?",
+        "UPDATE deliveries SET enqueued_at = ?, started_at = NULL, finished_at = NULL WHERE id = ?",
         (now, delivery.id),
     )
     refresh_delivery(conn, delivery.id, now)
