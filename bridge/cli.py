@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import Config, check, load, redact_url
+from bridge.config import Config, load, redact_url
 from bridge.errors import ConfigError
 
 _DEFAULT_CONFIG = Path("config.toml")
@@ -117,9 +117,7 @@ def _client_settings(path: Path | None, env: Mapping[str, str]) -> tuple[str, st
 def _load(path: Path | None, env: Mapping[str, str]) -> Config:
     if path is None and _DEFAULT_CONFIG.exists():
         path = _DEFAULT_CONFIG
-    config = load(path, env)
-    check(config)
-    return config
+    return load(path, env)
 
 
 def _serve(config: Config, host: str | None, port: int | None) -> int:

@@ -274,10 +274,23 @@ def load(path: str | Path | None, env: Mapping[str, str]) -> Config:
             raise ConfigError([f"{path}: cannot be read ({exc.strerror})"]) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
-    return parse(raw, env)
+    config, problems = _read(raw, env)
+    problems.extend(_credential_problems(config.github, problems))
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    """The keys alone, each checked for itself; :func:`load` also checks the credentials."""
+    config, problems = _read(raw, env)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _read(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Config, list[str]]:
+    """The config and every problem found; a key with a problem holds its default."""
     problems: list[str] = []
     raw = dict(raw)
 
@@ -355,9 +368,7 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     for name in sorted(raw):
         problems.append(f"{name}: unknown key")
-    if problems:
-        raise ConfigError(problems)
-    return Config(
+    config = Config(
         server=server,
         github=github,
         vela=vela,
@@ -367,6 +378,7 @@ def parse(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         events=events,
         log=log,
     )
+    return config, problems
 
 
 def _github(g: _Section, env: Mapping[str, str]) -> GitHubConfig:
@@ -432,10 +444,21 @@ def _hooks(g: _Section) -> tuple[GitHubHook, ...]:
     return tuple(hooks)
 
 
-def check(config: Config) -> None:
-    """What parse() cannot see alone: GitHub credentials (key file, key format, key pairs)."""
-    from bridge.github import problems as github_problems  # here: bridge.github imports config
+# The keys the credential checks combine: while one of them has a problem of its own, those
+# checks would only repeat it in other words ("app_id: needs a private key").
+_CREDENTIAL_KEYS = (
+    "github.app_id",
+    "github.private_key",
+    "github.private_key_file",
+    "github.token",
+)
 
-    found = github_problems(config.github)
-    if found:
-        raise ConfigError(found)
+
+def _credential_problems(github: GitHubConfig, found: list[str]) -> list[str]:
+    """What the keys cannot show one by one: GitHub credentials that cannot work (the key
+    file, the key's format, which keys go together)."""
+    from bridge.github import problems  # here: bridge.github imports this module
+
+    if any(line.split(":", 1)[0] in _CREDENTIAL_KEYS for line in found):
+        return []
+    return problems(github)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -198,10 +199,11 @@ format = "json"
 """
 
 
-def test_a_file_with_every_key(tmp_path: Path) -> None:
-    path = tmp_path / "config.toml"
-    path.write_text(FULL)
-    config = load(path, {"NEW_WEBHOOK_SECRET": "new-secret", "APP_KEY": "-----BEGIN KEY-----"})
+def test_a_file_with_every_key() -> None:
+    # Every key, each read for itself: the two private keys together are a credential
+    # problem that only load() reports (test_credential_problems_come_with_the_others).
+    env = {"NEW_WEBHOOK_SECRET": "new-secret", "APP_KEY": "-----BEGIN KEY-----"}
+    config = parse(tomllib.loads(FULL), env)
     assert config == Config(
         server=ServerConfig(
             host="0.0.0.0",
@@ -260,12 +262,10 @@ def test_the_example_config_is_the_defaults() -> None:
     assert example == parse({}, {"GITHUB_WEBHOOK_SECRET": "s", "VELA_TOKEN": "t"})
 
 
-def test_the_example_config_documents_every_key(tmp_path: Path) -> None:
+def test_the_example_config_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     # Uncomment the optional keys it shows commented out: still valid, no typo.
     uncommented = re.sub(r"(?m)^# ?(?=\[\[|[a-z_]+ += )", "", text)
-    path = tmp_path / "config.toml"
-    path.write_text(uncommented)
     env = {
         "GITHUB_WEBHOOK_SECRET_OLD": "s",
         "VELA_TOKEN": "t",
@@ -273,7 +273,8 @@ def test_the_example_config_documents_every_key(tmp_path: Path) -> None:
         "GITHUB_TOKEN": "g",
         "BRIDGE_OPERATOR_TOKEN": "o",
     }
-    config = load(path, env)
+    # Keys only: the example shows both ways to give the App's key, which load() refuses.
+    config = parse(tomllib.loads(uncommented), env)
     assert config.github.app_id == 123456
     assert config.github.private_key == Secret("k") and config.github.token == Secret("g")
     assert config.server.public_url.startswith("https://")
@@ -556,6 +557,31 @@ def test_several_problems_are_reported_together() -> None:
     )
 
 
+def test_credential_problems_come_with_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[github]\nwebhook_secrets = ["s"]\napp_id = 7\nreport_failures = true\n'
+        '[vela]\ntoken = "t"\nurl = "not a URL"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(path, {})
+    assert caught.value.problems == [
+        "vela.url: not a URL",
+        "github.app_id: needs github.private_key_file or github.private_key",
+        "github.report_failures: needs a GitHub App (app_id and a private key) or github.token",
+    ]
+
+
+def test_a_credential_key_with_a_problem_is_not_reported_again(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[github]\nwebhook_secrets = ["s"]\napp_id = "x"\nprivate_key = "k"\nredeliver = true\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(path, {"VELA_TOKEN": "t"})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["github.app_id"]
+
+
 # -- secrets never show ---------------------------------------------------------------------------
 
 
@@ -567,10 +593,9 @@ def test_a_secret_never_shows_its_value() -> None:
     assert Secret("a") == Secret("a") and Secret("a") != Secret("b") and Secret("a") != "a"
 
 
-def test_a_config_repr_shows_no_secret(tmp_path: Path) -> None:
-    path = tmp_path / "config.toml"
-    path.write_text(FULL)
-    config = load(path, {"NEW_WEBHOOK_SECRET": "new-secret", "APP_KEY": "-----BEGIN KEY-----"})
+def test_a_config_repr_shows_no_secret() -> None:
+    env = {"NEW_WEBHOOK_SECRET": "new-secret", "APP_KEY": "-----BEGIN KEY-----"}
+    config = parse(tomllib.loads(FULL), env)
     text = repr(config) + str(config)
     for value in [
         "old-secret",
