@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -168,6 +169,89 @@ def test_the_bound_holds_and_the_rest_waits_for_the_next_sweep(
     ]
     assert [r.left for r in reports] == [4, 1, 0, 0]
     assert github.redelivered() == lost
+
+
+def _attempt_requests(server: FakeGitHub) -> list[str]:
+    """The paths of every redelivery request the server got, accepted or refused."""
+    return [r.path for r in server.requests if r.method == "POST" and r.path.endswith("/attempts")]
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (502, None),  # GitHub unwell
+        (403, {"message": "Resource not accessible by integration"}),  # not a rate limit
+    ],
+    ids=["502", "403-permission"],
+)
+def test_the_bound_counts_redelivery_requests_github_refused_too(
+    github: FakeGitHub,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    body: dict[str, str] | None,
+) -> None:
+    """github.md: redeliver_max_per_sweep bounds the redelivery *requests* of a sweep, so
+    a GitHub that refuses them is not sent the whole backlog in one sweep."""
+    lost = [github.add_delivery(PUSH, status_code=0, age=100 - i) for i in range(7)]
+    github.fail_next(Failure(status, body=body, path="/attempts", count=1_000))  # every one
+    config = app_config(github, redeliver=True, redeliver_max_per_sweep=3)
+    asked_before = counter("vela_bridge_github_redeliveries_requested_total")
+    errors_before = counter("vela_bridge_github_sweeps_total", result="error")
+    caplog.set_level(logging.INFO, logger="bridge.github.sweep")
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        sweeper = make()
+        refused = await sweeper.sweep()
+        made = _attempt_requests(github)
+        github.failures.clear()  # GitHub accepts again (no request is under way)
+        return [refused, made, await sweeper.sweep()]
+
+    refused, made, recovered = sweeping(tmp_path, config, main)
+    oldest = [f"/app/hook/deliveries/{e.id}/attempts" for e in lost[:3]]
+    assert made == oldest  # three requests, the oldest first; none beyond the bound
+    assert (refused.result, refused.requested, refused.refused, refused.left) == ("error", (), 3, 4)
+    assert github.redelivered() == [e.guid for e in lost[:3]]  # from the second sweep only
+    assert recovered.result == "ok" and recovered.requested == tuple(e.guid for e in lost[:3])
+    assert recovered.refused == 0 and recovered.left == 4  # the rest waits, as ever
+    assert counter("vela_bridge_github_redeliveries_requested_total") == asked_before + 3
+    assert counter("vela_bridge_github_sweeps_total", result="error") == errors_before + 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("github refused a redelivery") for m in messages) == 3
+    assert "github sweep error: 0 redeliveries requested, 3 refused" in messages
+    assert any(m.startswith("github sweep bound reached") for m in messages)
+
+
+def test_the_bound_spans_the_hooks_of_a_sweep_refused_requests_included(tmp_path: Path) -> None:
+    """Token mode with two hooks: what the first hook's refused requests spent is not
+    available to the second."""
+    server = FakeGitHub(public_key=app_key()[1]).start()
+    try:
+        first, second = repo_hook("octo-org/web.app", 11), org_hook("octo-org", 12)
+        for hook in (first, first, second, second):
+            server.add_delivery(PUSH, status_code=0, hook=hook)
+        server.fail_next(Failure(500, path="/attempts", count=1_000))
+        config = GitHubConfig(
+            webhook_secrets=(Secret("s"),),
+            api_url=server.url,
+            token=Secret(TOKEN),
+            hooks=(GitHubHook(11, repo="octo-org/web.app"), GitHubHook(12, org="octo-org")),
+            redeliver=True,
+            redeliver_max_per_sweep=3,
+        )
+
+        async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:
+            return await make().sweep()
+
+        report = sweeping(tmp_path, config, main)
+        made = _attempt_requests(server)
+        assert len(made) == 3, made
+        assert [p.split("/hooks/")[0] for p in made] == ["/repos/octo-org/web.app"] * 2 + [
+            "/orgs/octo-org"
+        ]
+        assert (report.result, report.requested, report.refused, report.left) == ("error", (), 3, 1)
+    finally:
+        server.stop()
 
 
 def _primary(seconds: int) -> Failure:

@@ -5,14 +5,17 @@ GitHub never retries a delivery. At start-up and every
 ``github.redeliver_lookback_hours`` (one entry per attempt), keeps each GUID whose
 *every* attempt got no answer (status 0) or a 5xx, drops those the bridge has stored
 (the queue knows every GUID it acknowledged) and asks GitHub to redeliver the rest,
-oldest first, at most ``github.redeliver_max_per_sweep`` a sweep. A GUID answered 4xx
+oldest first, at most ``github.redeliver_max_per_sweep`` requests a sweep, whether
+GitHub accepts them or refuses them (github.md: the bound is on requests, so a GitHub
+that refuses is not sent the whole backlog in one sweep). A GUID answered 4xx
 on purpose (bad signature, too large) or 2xx is never asked for; neither is a ``ping``,
 which the bridge answers without storing. The redelivery arrives as a normal signed
 webhook and the GUID dedupe makes the sweep idempotent.
 
 Only the holder of the queue lease ``github-sweep`` sweeps, so one replica at a time
-does. A GitHub error ends the sweep; a rate limit also moves the next one to when
-GitHub allows it. Nothing here ever stops the bridge.
+does. A GitHub error ends the sweep, except a refused redelivery, which ends only
+that request; a rate limit also moves the next one to when GitHub allows it. Nothing
+here ever stops the bridge.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def failed(attempts: Iterable[DeliveryAttempt]) -> list[DeliveryAttempt]:
 @dataclass(frozen=True, slots=True)
 class SweepReport:
     result: str  # "ok", "error", "rate_limited" or "standby"
-    requested: tuple[str, ...]  # GUIDs GitHub was asked to redeliver
+    requested: tuple[str, ...]  # GUIDs GitHub was asked to redeliver (and accepted)
     left: int  # candidates not looked at because the sweep's bound was reached
     next_in: float  # seconds until the next sweep
+    refused: int = 0  # redelivery requests GitHub refused (not rate limits: those end it)
 
 
 class Sweeper:
@@ -146,8 +150,8 @@ class Sweeper:
             log.debug("github sweep: another replica holds the %s lease", LEASE_NAME)
             return self._finish(SweepReport("standby", (), 0, self._interval))
 
-        result, requested, left, wait = "ok", [], 0, self._interval
-        budget = self._max
+        result, requested, refused_total, left, wait = "ok", [], 0, 0, self._interval
+        budget = self._max  # redelivery requests, accepted or refused, across the hooks
         for hook, credential in self._hooks:
             try:
                 asked, more, refused = await self._sweep_hook(hook, credential(), now, budget)
@@ -165,11 +169,12 @@ class Sweeper:
                 result = "error"
                 continue
             requested.extend(asked)
-            budget -= len(asked)
+            refused_total += refused
+            budget -= len(asked) + refused
             left += more
             if refused:
                 result = "error"
-        report = SweepReport(result, tuple(requested), left, wait)
+        report = SweepReport(result, tuple(requested), left, wait, refused_total)
         if self._leading:  # keep the lease until the next sweep, even a delayed one
             with contextlib.suppress(QueueError):
                 await self._queue.try_lead(
@@ -180,10 +185,12 @@ class Sweeper:
     async def _sweep_hook(
         self, hook: Hook, credential: Credential, now: float, budget: int
     ) -> tuple[list[str], int, int]:
-        """Redeliver the hook's failed, unstored GUIDs within ``budget``.
+        """Redeliver the hook's failed, unstored GUIDs, making at most ``budget`` requests.
 
         Returns the GUIDs asked for, how many candidates the bound left over, and how
-        many redeliveries GitHub refused.
+        many redeliveries GitHub refused. A refused request counts against ``budget``
+        like an accepted one: otherwise a GitHub that refuses every request (a 5xx, a
+        permission problem) would be sent the whole backlog in one sweep.
         """
         since = now - self._lookback
         attempts = [a async for a in self._client.deliveries(hook, credential, since)]
@@ -191,7 +198,7 @@ class Sweeper:
         asked: list[str] = []
         refused = 0
         for index, attempt in enumerate(candidates):
-            if len(asked) >= budget:
+            if len(asked) + refused >= budget:
                 log.info(
                     "github sweep bound reached (redeliver_max_per_sweep = %d);"
                     " %d candidates left for the next sweep",
@@ -237,11 +244,13 @@ class Sweeper:
         SWEEPS.labels(report.result).inc()
         if report.result != "standby":
             log.info(
-                "github sweep %s: %d redeliveries requested",
+                "github sweep %s: %d redeliveries requested%s",
                 report.result,
                 len(report.requested),
+                f", {report.refused} refused" if report.refused else "",
                 extra={
                     "requested": len(report.requested),
+                    "refused": report.refused,
                     "left": report.left,
                     "next_in": round(report.next_in, 1),
                 },
