@@ -42,7 +42,10 @@ _BURST_CONCURRENCY = 4
 # An attempt (a deployment check, a lookup, the send: each up to vela.timeout_seconds)
 # must end within this share of its claim's lease, so that it settles before the lease
 # runs out and the job is taken again while in flight (interface.md: "never in flight
-# twice at once"). One cut short is unclear: the next attempt looks in Vela first.
+# twice at once"). One cut short is unclear: the next attempt looks in Vela first. The
+# share counts from the time the claim was made with, as the lease does, not from the
+# attempt's start: the claim's own wait (the writer, a lock, the pool, a busy loop)
+# has used up part of the lease already.
 _ATTEMPT_SHARE_OF_LEASE = 0.9
 
 
@@ -161,9 +164,10 @@ class Forwarder:
                 await self._wait_slot(_BURST_WINDOW if burst else _IDLE_POLL_SECONDS)
                 return
         self._wake.clear()
-        jobs = await self._queue.claim(limit, time.time())
+        claimed_at = time.time()  # the queue's leases run from this (wall) time
+        jobs = await self._queue.claim(limit, claimed_at)
         for job in jobs:
-            task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+            task = asyncio.create_task(self._run(job, claimed_at), name=f"job-{job.id}")
             self._inflight[job.id] = task
             self._attempts.add(task)
             task.add_done_callback(self._attempts.discard)
@@ -187,10 +191,16 @@ class Forwarder:
         replaced it in _inflight after its lease ran out)."""
         return self._inflight.get(job.id) is asyncio.current_task()
 
-    async def _run(self, job: ClaimedJob) -> None:
+    async def _run(self, job: ClaimedJob, claimed_at: float) -> None:
         settled = False
         try:
-            settlement, endpoint = await self._attempt(job)
+            # The lease is in wall time (claimed_at + queue.lease_seconds), and so is the
+            # attempt's deadline: the claim's own wait has used up part of it already.
+            deadline = claimed_at + self._attempt_seconds
+            if time.time() >= deadline:
+                self._leave(job, claimed_at)
+                return
+            settlement, endpoint = await self._attempt(job, deadline)
             recorded = await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
             settled = True
             _count(endpoint, settlement, finished=recorded)
@@ -222,13 +232,31 @@ class Forwarder:
         except Exception:  # the queue refused it too: the lease ends the claim
             log.exception("job %s: cannot record the failure", job.id, extra=_fields(job))
 
-    async def _attempt(self, job: ClaimedJob) -> tuple[Settlement, str]:
-        """One attempt at the job: the settlement, and the endpoint it went to."""
+    def _leave(self, job: ClaimedJob, claimed_at: float) -> None:
+        """A claim whose attempt could not start before its deadline: nothing is sent, and
+        nothing settled either. Its lease has run out or nearly so, and the next claim
+        may already have taken the job again: a settlement now could be recorded over
+        that claim's (the SQLite queue learns a claim's number only once the claim has
+        returned) and have the job claimed a third time while the second one sends.
+        Left alone, the claim runs out and the job is taken again, as unclear."""
+        log.warning(
+            "job %s not sent: its claim was %.1f s old when the attempt could start,"
+            " past %g s; left for its lease to run out",
+            job.id,
+            time.time() - claimed_at,
+            self._attempt_seconds,
+            extra=_fields(job),
+        )
+
+    async def _attempt(self, job: ClaimedJob, deadline: float) -> tuple[Settlement, str]:
+        """One attempt at the job, cut at ``deadline`` (wall time): the settlement, and
+        the endpoint it went to."""
         started = time.time()
         clock = time.monotonic()
         endpoint = job.endpoint
         try:
-            async with asyncio.timeout(self._attempt_seconds):
+            # The wall-clock deadline becomes a delay on the loop's monotonic clock, once.
+            async with asyncio.timeout(deadline - started):
                 endpoint, path, body = await self._target(job)
                 if job.unclear:
                     found = await self._find(job, endpoint, body)
@@ -243,7 +271,9 @@ class Forwarder:
                         ), endpoint
                 answer = await self._vela.send(path, body, job.guid)
         except TimeoutError:
-            late = Retryable(f"the attempt took longer than {self._attempt_seconds:g} s")
+            late = Retryable(
+                f"the attempt did not end within {self._attempt_seconds:g} s of its claim"
+            )
             return self._failed(job, late, started, time.monotonic() - clock), endpoint
         except ForwardError as exc:
             return self._failed(job, exc, started, time.monotonic() - clock), endpoint

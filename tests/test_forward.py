@@ -6,6 +6,7 @@ import asyncio
 import copy
 import dataclasses
 import itertools
+import sqlite3
 import threading
 import time
 import uuid
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from bridge.config import RetryConfig, Secret
 from bridge.forward import Forwarder
-from bridge.queue import NewJob, open_queue
+from bridge.queue import JobRecord, NewJob, open_queue
 from bridge.states import ACTIVE, JobState
 from bridge.vela import VelaClient
 from tests.fakes.vela import FakeVela, Reply
@@ -308,8 +310,101 @@ def test_an_attempt_ends_before_its_lease_so_a_job_is_never_in_flight_twice(
     for one, following in itertools.pairwise(attempts):  # one at a time
         assert one.started_at + one.duration <= following.started_at, attempts
     first, *later = attempts
-    assert first.error == "the attempt took longer than 1.35 s" and first.duration < 1.5
+    assert first.error == "the attempt did not end within 1.35 s of its claim"
+    assert first.duration < 1.5
     assert later and later[-1].http_status == 201
+
+
+def _forward_after_a_slow_claim(
+    tmp_path: Path, vela: FakeVela, *, lease: float, hold: float
+) -> tuple[JobRecord, list[Any]]:
+    """Forward one job whose first claim waits ``hold`` s after taking its time (``now``)
+    for SQLite's write lock, which another connection holds: a slow claim, as a busy
+    disk or writer makes one. Returns the job and its attempts once it succeeded."""
+    db = tmp_path / "q.db"
+    body = {"commit": "c0ffee" * 6 + "abcd", "event": "push", "ref": "refs/heads/main"}
+    job = NewJob(
+        "builds", "Octo", "App", "/api/v1/repos/Octo/App/builds", orjson.dumps(body), "main"
+    )
+    locked = threading.Event()
+
+    def hold_write_lock() -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            locked.set()
+            time.sleep(hold)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    async def main() -> tuple[JobRecord, list[Any]]:
+        queue = await open_queue(f"sqlite:///{db}", lease_seconds=lease, retention_days=1)
+        client = VelaClient(vela.url, Secret(vela.token), timeout=10, connections=4)
+        await client.open()
+        retry = RetryConfig(initial_backoff_seconds=0.1)
+        forwarder = Forwarder(queue, client, retry, concurrency=4, lease_seconds=lease)
+        locker = threading.Thread(target=hold_write_lock)
+        try:
+            await queue.add(dataclasses.replace(delivery("g"), jobs=(job,)))
+            locker.start()
+            assert await asyncio.to_thread(locked.wait, 5)
+            forwarder.start()  # claims at once, and then waits for the lock
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                found, _ = await queue.job_log("Octo/App", 1, 1)
+                if found.state is JobState.SUCCESS:
+                    break
+                await asyncio.sleep(0.05)
+            await forwarder.stop(grace=5)
+            return await queue.job_log("Octo/App", 1, 1)
+        finally:
+            await asyncio.to_thread(locker.join)
+            await client.close()
+            await queue.close()
+
+    return asyncio.run(main())
+
+
+def test_an_attempt_is_cut_at_its_claims_time_plus_90_percent_of_the_lease(
+    tmp_path: Path, vela: FakeVela
+) -> None:
+    """The lease runs from the time the claim was made with, and so does the attempt's
+    deadline: a claim that took 1 s of a 1.5 s lease leaves its attempt 0.35 s, not
+    1.35 s, so the job is not taken again while its request is in flight."""
+    vela.script(Reply(201, {"number": 1}, delay=3.0, create=True))  # made; answered late
+    job, attempts = _forward_after_a_slow_claim(tmp_path, vela, lease=1.5, hold=1.0)
+
+    assert job.state is JobState.SUCCESS and job.vela_number == 1  # found by the lookup
+    assert len(vela.posts()) == 1
+    assert job.started_at is not None  # the time the first claim was made with
+    first = attempts[0]
+    ended = first.started_at + first.duration
+    assert first.started_at - job.started_at > 0.8, "the claim was not slow"
+    assert ended <= job.started_at + 1.35 + 0.1, (first, job.started_at)
+    assert first.error == "the attempt did not end within 1.35 s of its claim"
+    # While the first attempt was under way nothing but its own POST reached Vela: the
+    # job was not claimed (and looked up, or sent) again before it ended.
+    during = [r.method for r in vela.requests if r.at < ended]
+    assert during == ["POST"], vela.requests
+
+
+def test_a_claim_too_late_to_use_sends_nothing_and_runs_out(
+    tmp_path: Path, vela: FakeVela, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim that returns after 90 % of its lease (here 1.3 s of 1 s) sends nothing and
+    settles nothing: the job is taken again as its lease runs out, looked up (unclear)
+    and sent once, by one attempt at a time."""
+    job, attempts = _forward_after_a_slow_claim(tmp_path, vela, lease=1.0, hold=1.3)
+
+    assert job.state is JobState.SUCCESS and job.vela_number == 1
+    assert len(vela.posts()) == 1  # the build was made once
+    assert [r.method for r in vela.requests] == ["GET", "POST"]  # unclear: looked up first
+    assert job.started_at is not None
+    assert vela.requests[0].at - job.started_at > 1.0  # after the first claim's lease
+    assert [a.http_status for a in attempts] == [201], attempts  # the late claim left none
+    late = [r for r in caplog.records if r.name == "bridge.forward" and "not sent" in r.message]
+    assert len(late) == 1 and "left for its lease to run out" in late[0].message
 
 
 def test_after_a_crash_the_lookup_ignores_an_older_deployment_of_the_same_ref(
