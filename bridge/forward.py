@@ -235,10 +235,8 @@ class Forwarder:
     def _leave(self, job: ClaimedJob, claimed_at: float) -> None:
         """A claim whose attempt could not start before its deadline: nothing is sent, and
         nothing settled either. Its lease has run out or nearly so, and the next claim
-        may already have taken the job again: a settlement now could be recorded over
-        that claim's (the SQLite queue learns a claim's number only once the claim has
-        returned) and have the job claimed a third time while the second one sends.
-        Left alone, the claim runs out and the job is taken again, as unclear."""
+        may already hold the job; left alone, the claim runs out and the job is taken
+        again, as unclear, at no cost to its attempts."""
         log.warning(
             "job %s not sent: its claim was %.1f s old when the attempt could start,"
             " past %g s; left for its lease to run out",

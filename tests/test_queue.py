@@ -1109,6 +1109,27 @@ def test_an_outcome_from_a_claim_whose_lease_was_retaken_is_only_logged(
     assert sorted(a.http_status or 0 for a in attempts) == [201, 422]  # both are logged
 
 
+def test_an_outcome_settled_while_its_job_is_being_retaken_is_only_logged(url: str) -> None:
+    """The retaking claim is already on its way to the queue when the old claim's worker
+    settles: the outcome must not be recorded over the claim about to hold the job."""
+
+    async def main(q: Queue) -> tuple[list[ClaimedJob], bool, JobRecord]:
+        await q.add(delivery("g"))
+        stale = (await q.claim(10, time.time()))[0]
+        await asyncio.sleep(0.6)  # the test queue's lease is 0.5 s
+        retaking = asyncio.create_task(q.claim(10, time.time()))
+        await asyncio.sleep(0)  # the claim is sent, not yet answered
+        recorded = await q.settle(stale.id, success(time.time()), time.time(), claim=stale.claim)
+        live = await retaking
+        job, _ = await q.job_log("Octo/App", 1, 1)
+        return live, recorded, job
+
+    live, recorded, job = run(main, url, lease=0.5)
+    assert [j.guid for j in live] == ["g"] and live[0].unclear
+    assert recorded is False
+    assert job.state is JobState.RUNNING  # the live claim's, not the stale success
+
+
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:
     """SQLite: an attempt that could not settle does not hold its lane past its lease."""
 

@@ -187,30 +187,44 @@ class SQLiteQueue:
         added: Added = await self._writer.add(delivery)  # the bulk call: _add_many
         return added
 
+    # Claims are noted and checked inside the writer's calls, in the order the writes run:
+    # a check made when settle() is called could pass for a claim that a claim already
+    # queued (or just written, not yet returned) is about to take over. A call may run
+    # twice (its batch again, call by call), so these only note and compare.
+
     async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
         number = next(self._claim_numbers)
         lease = now + self._lease
-        jobs = await self._writer.run(lambda conn: _claim(conn, limit, now, lease, number))
-        self._claims.update((job.id, number) for job in jobs)
-        return jobs
+
+        def op(conn: sqlite3.Connection) -> list[ClaimedJob]:
+            jobs = _claim(conn, limit, now, lease, number)
+            self._claims.update((job.id, number) for job in jobs)
+            return jobs
+
+        return await self._writer.run(op)
 
     async def settle(
         self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
     ) -> bool:
-        live = self._claims.get(job_id)
-        if claim is not None and claim != live:
-            # Its lease ran out and the job was claimed again: only the attempt is kept.
+        def op(conn: sqlite3.Connection) -> tuple[bool, bool]:
+            """Whether the outcome was recorded, and whether the claim had been retaken."""
+            if claim is not None and claim != self._claims.get(job_id):
+                # Its lease ran out and the job was claimed again: only the attempt is kept.
+                if settlement.attempt is not None:
+                    _log_attempt(conn, job_id, settlement.attempt)
+                return False, True
+            return _settle(conn, job_id, settlement, now), False
+
+        recorded, retaken = await self._writer.run(op)
+        if retaken:
             log.warning(
                 "job %d: its lease expired and was retaken; outcome %s not recorded",
                 job_id,
                 settlement.state,
             )
-            attempt = settlement.attempt
-            if attempt is not None:
-                await self._writer.run(lambda conn: _log_attempt(conn, job_id, attempt))
-            return False
-        self._claims.pop(job_id, None)
-        return await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now))
+        elif claim is None or self._claims.get(job_id) == claim:  # not a claim made since
+            self._claims.pop(job_id, None)
+        return recorded
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
         for job_id in job_ids:
