@@ -176,28 +176,68 @@ def _attempt_requests(server: FakeGitHub) -> list[str]:
     return [r.path for r in server.requests if r.method == "POST" and r.path.endswith("/attempts")]
 
 
+def test_the_bound_counts_redelivery_requests_github_refused_too(
+    github: FakeGitHub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """github.md: redeliver_max_per_sweep bounds the redelivery *requests* of a sweep,
+    so deliveries GitHub will not redeliver (422) do not let it ask for the whole backlog;
+    and those are not asked for again, so they cannot use up the next sweep's bound."""
+    lost = [github.add_delivery(PUSH, status_code=0, age=100 - i) for i in range(7)]
+    for gone in lost[:4]:
+        body = {"message": "Validation Failed"}
+        github.fail_next(Failure(422, body=body, path=f"/{gone.id}/attempts", count=1_000))
+    config = app_config(github, redeliver=True, redeliver_max_per_sweep=3)
+    asked_before = counter("vela_bridge_github_redeliveries_requested_total")
+    errors_before = counter("vela_bridge_github_sweeps_total", result="error")
+    caplog.set_level(logging.INFO, logger="bridge.github.sweep")
+
+    async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+        sweeper = make()
+        first = await sweeper.sweep()
+        made = _attempt_requests(github)
+        return [first, made, await sweeper.sweep()]
+
+    first, made, second = sweeping(tmp_path, config, main)
+    oldest = [f"/app/hook/deliveries/{e.id}/attempts" for e in lost[:3]]
+    assert made == oldest  # three requests, the oldest first; none beyond the bound
+    assert (first.result, first.requested, first.refused, first.left) == ("error", (), 3, 4)
+    # The next sweep passes over the three refused: one more refusal, then two asked for.
+    assert (second.refused, second.requested) == (1, (lost[4].guid, lost[5].guid))
+    assert second.left == 1
+    assert _attempt_requests(github)[3:] == [
+        f"/app/hook/deliveries/{e.id}/attempts" for e in lost[3:6]
+    ]
+    assert counter("vela_bridge_github_redeliveries_requested_total") == asked_before + 2
+    assert counter("vela_bridge_github_sweeps_total", result="error") == errors_before + 2
+    messages = [r.getMessage() for r in caplog.records]
+    refusals = [m for m in messages if m.startswith("github refused a redelivery")]
+    assert len(refusals) == 4 and all("not asked for again" in m for m in refusals)
+    assert "github sweep error: 0 redeliveries requested, 3 refused" in messages
+    assert any(m.startswith("github sweep bound reached") for m in messages)
+
+
 @pytest.mark.parametrize(
     ("status", "body"),
     [
         (502, None),  # GitHub unwell
         (403, {"message": "Resource not accessible by integration"}),  # not a rate limit
+        (401, {"message": "Bad credentials"}),
     ],
-    ids=["502", "403-permission"],
+    ids=["502", "403-permission", "401"],
 )
-def test_the_bound_counts_redelivery_requests_github_refused_too(
+def test_an_error_on_a_redelivery_ends_the_sweep_until_the_next(
     github: FakeGitHub,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     status: int,
     body: dict[str, str] | None,
 ) -> None:
-    """github.md: redeliver_max_per_sweep bounds the redelivery *requests* of a sweep, so
-    a GitHub that refuses them is not sent the whole backlog in one sweep."""
-    lost = [github.add_delivery(PUSH, status_code=0, age=100 - i) for i in range(7)]
-    github.fail_next(Failure(status, body=body, path="/attempts", count=1_000))  # every one
+    """github.md: GitHub API errors delay the sweep. A refusal that is about GitHub or the
+    credential, not the delivery, would meet every other request too: the sweep stops at
+    the first, and the next sweep asks for the same deliveries again."""
+    lost = [github.add_delivery(PUSH, status_code=0, age=100 - i) for i in range(5)]
+    github.fail_next(Failure(status, body=body, path="/attempts", count=1_000))
     config = app_config(github, redeliver=True, redeliver_max_per_sweep=3)
-    asked_before = counter("vela_bridge_github_redeliveries_requested_total")
-    errors_before = counter("vela_bridge_github_sweeps_total", result="error")
     caplog.set_level(logging.INFO, logger="bridge.github.sweep")
 
     async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
@@ -208,18 +248,12 @@ def test_the_bound_counts_redelivery_requests_github_refused_too(
         return [refused, made, await sweeper.sweep()]
 
     refused, made, recovered = sweeping(tmp_path, config, main)
-    oldest = [f"/app/hook/deliveries/{e.id}/attempts" for e in lost[:3]]
-    assert made == oldest  # three requests, the oldest first; none beyond the bound
-    assert (refused.result, refused.requested, refused.refused, refused.left) == ("error", (), 3, 4)
-    assert github.redelivered() == [e.guid for e in lost[:3]]  # from the second sweep only
+    assert made == [f"/app/hook/deliveries/{lost[0].id}/attempts"]  # the first, then stop
+    assert (refused.result, refused.requested, refused.refused, refused.left) == ("error", (), 1, 5)
     assert recovered.result == "ok" and recovered.requested == tuple(e.guid for e in lost[:3])
-    assert recovered.refused == 0 and recovered.left == 4  # the rest waits, as ever
-    assert counter("vela_bridge_github_redeliveries_requested_total") == asked_before + 3
-    assert counter("vela_bridge_github_sweeps_total", result="error") == errors_before + 1
+    assert recovered.left == 2
     messages = [r.getMessage() for r in caplog.records]
-    assert sum(m.startswith("github refused a redelivery") for m in messages) == 3
-    assert "github sweep error: 0 redeliveries requested, 3 refused" in messages
-    assert any(m.startswith("github sweep bound reached") for m in messages)
+    assert any(m.startswith("github refused a redelivery; the sweep of the") for m in messages)
 
 
 def test_the_bound_spans_the_hooks_of_a_sweep_refused_requests_included(tmp_path: Path) -> None:
@@ -228,9 +262,10 @@ def test_the_bound_spans_the_hooks_of_a_sweep_refused_requests_included(tmp_path
     server = FakeGitHub(public_key=app_key()[1]).start()
     try:
         first, second = repo_hook("octo-org/web.app", 11), org_hook("octo-org", 12)
-        for hook in (first, first, second, second):
-            server.add_delivery(PUSH, status_code=0, hook=hook)
-        server.fail_next(Failure(500, path="/attempts", count=1_000))
+        entries = [server.add_delivery(PUSH, status_code=0, hook=h) for h in (first,) * 2]
+        entries += [server.add_delivery(PUSH, status_code=0, hook=second) for _ in range(2)]
+        for entry in entries:
+            server.fail_next(Failure(422, path=f"/{entry.id}/attempts", count=1_000))
         config = GitHubConfig(
             webhook_secrets=(Secret("s"),),
             api_url=server.url,

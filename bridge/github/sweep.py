@@ -13,9 +13,12 @@ which the bridge answers without storing. The redelivery arrives as a normal sig
 webhook and the GUID dedupe makes the sweep idempotent.
 
 Only the holder of the queue lease ``github-sweep`` sweeps, so one replica at a time
-does. A GitHub error ends the sweep, except a refused redelivery, which ends only
-that request; a rate limit also moves the next one to when GitHub allows it. Nothing
-here ever stops the bridge.
+does. A GitHub error ends the hook's sweep (github.md: errors delay the sweep), and a
+rate limit also moves the next sweep to when GitHub allows it. One answer is about
+the delivery, not about GitHub: a redelivery refused as not found or not redeliverable
+(404, 410, 422). Such a GUID is passed over, and this process does not ask for it
+again, so a few deliveries GitHub will never redeliver cannot use up every sweep's
+bound ahead of newer ones. Nothing here ever stops the bridge.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ REDELIVERIES = Counter(
 )
 for _result in ("ok", "error", "rate_limited", "standby"):
     SWEEPS.labels(_result)  # listed at 0 from the start, as Prometheus prefers
+
+# A redelivery refused with one of these is about that delivery (gone, or not one GitHub
+# will send again); any other refusal is about GitHub or the credential, and ends the sweep.
+_UNREDELIVERABLE = frozenset({404, 410, 422})
 
 LEASE_NAME = "github-sweep"
 _LEASE_MARGIN_SECONDS = 60.0  # a sweep may take a while; another replica waits this much longer
@@ -109,6 +116,9 @@ class Sweeper:
             self._hooks.extend((Hook.configured(h), auth.token) for h in config.hooks)
         self._task: asyncio.Task[None] | None = None
         self._leading = False
+        # GUIDs GitHub would not redeliver (_UNREDELIVERABLE) → when they were delivered,
+        # to forget them once they are past the lookback.
+        self._unredeliverable: dict[str, float] = {}
 
     def start(self, first_delay: float) -> None:
         self._task = asyncio.create_task(self._run(first_delay), name="github-sweep")
@@ -187,14 +197,16 @@ class Sweeper:
     ) -> tuple[list[str], int, int]:
         """Redeliver the hook's failed, unstored GUIDs, making at most ``budget`` requests.
 
-        Returns the GUIDs asked for, how many candidates the bound left over, and how
-        many redeliveries GitHub refused. A refused request counts against ``budget``
-        like an accepted one: otherwise a GitHub that refuses every request (a 5xx, a
-        permission problem) would be sent the whole backlog in one sweep.
+        Returns the GUIDs asked for, how many candidates were left for the next sweep
+        (by the bound, or by an error that ended this one), and how many redeliveries
+        GitHub refused. A refused request counts against ``budget`` like an accepted one.
         """
         since = now - self._lookback
         attempts = [a async for a in self._client.deliveries(hook, credential, since)]
-        candidates = failed(attempts)
+        for guid, delivered_at in list(self._unredeliverable.items()):
+            if delivered_at < since:
+                del self._unredeliverable[guid]
+        candidates = [a for a in failed(attempts) if a.guid not in self._unredeliverable]
         asked: list[str] = []
         refused = 0
         for index, attempt in enumerate(candidates):
@@ -214,13 +226,26 @@ class Sweeper:
             except RateLimited:
                 raise
             except GitHubError as exc:
-                log.warning(
-                    "github refused a redelivery: %s",
-                    exc.message,
-                    extra={"delivery": attempt.guid, "event": attempt.event, "hook": hook.label},
-                )
                 refused += 1
-                continue
+                fields = {"delivery": attempt.guid, "event": attempt.event, "hook": hook.label}
+                if exc.status_code in _UNREDELIVERABLE:
+                    log.warning(
+                        "github refused a redelivery, not asked for again: %s",
+                        exc.message,
+                        extra=fields,
+                    )
+                    self._unredeliverable[attempt.guid] = attempt.delivered_at
+                    continue
+                left = len(candidates) - index
+                log.warning(
+                    "github refused a redelivery; the sweep of the %s stops, %d candidates"
+                    " left for the next sweep: %s",
+                    hook.label,
+                    left,
+                    exc.message,
+                    extra=fields,
+                )
+                return asked, left, refused
             REDELIVERIES.inc()
             asked.append(attempt.guid)
             log.info(
