@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import resource
+import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.signature import sign
@@ -88,6 +93,55 @@ def test_queue_gauges_and_paused_gauge(make_bridge: Any, vela: FakeVela) -> None
 def test_healthz_and_readyz(bridge: Bridge) -> None:
     assert bridge.client.get("/healthz").json() == {"status": "ok"}
     assert bridge.client.get("/readyz").json() == {"status": "ready"}
+
+
+def _files_cannot_grow(bridge: Bridge) -> Callable[[], None]:
+    """As on a full disk: the bridge may not grow a file (RLIMIT_FSIZE, set from outside),
+    so SQLite's next commit cannot append to its write-ahead log. Returns the undo."""
+    assert bridge.process is not None
+    pid, unlimited = bridge.process.pid, resource.RLIM_INFINITY
+    wal = bridge.db.with_name(bridge.db.name + "-wal")
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (wal.stat().st_size, unlimited))
+    return lambda: resource.prlimit(pid, resource.RLIMIT_FSIZE, (unlimited, unlimited))
+
+
+def _deliveries_refused(bridge: Bridge) -> Callable[[], None]:
+    """Every INSERT of a delivery fails: a trigger added through a connection of its own."""
+
+    def sql(statement: str) -> None:
+        with contextlib.closing(sqlite3.connect(bridge.db, timeout=5)) as conn:
+            conn.execute(statement)
+
+    sql(
+        "CREATE TRIGGER full BEFORE INSERT ON deliveries"
+        " BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END"
+    )
+    return lambda: sql("DROP TRIGGER full")
+
+
+@pytest.mark.parametrize("cause", [_files_cannot_grow, _deliveries_refused])
+def test_readyz_fails_while_intake_cannot_store_and_recovers_with_it(
+    make_bridge: Any, cause: Callable[[Bridge], Callable[[], None]]
+) -> None:
+    """/readyz answers 503 exactly when intake would (interface.md: "the queue cannot store
+    it" is a 503), not only when SELECT 1 fails; both recover without a restart, as no
+    sync failed (nothing acknowledged is in doubt)."""
+    bridge = make_bridge()
+    guid = str(uuid.uuid4())
+    assert bridge.send("push", push(), guid=guid).status_code == 202
+    bridge.wait_status(guid, "success")  # the queue is quiet: nothing else writes
+    undo = cause(bridge)
+    try:
+        ready = bridge.client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["status"] == "unavailable"
+        assert ready.json()["reason"].startswith("queue: ")
+        assert bridge.send("push", push()).status_code == 503
+        assert bridge.client.get("/readyz").status_code == 503
+    finally:
+        undo()
+    assert bridge.client.get("/readyz").json() == {"status": "ready"}
+    assert bridge.send("push", push()).status_code == 202
 
 
 def test_no_secret_ever_reaches_the_logs_or_answers(make_bridge: Any, vela: FakeVela) -> None:

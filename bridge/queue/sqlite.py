@@ -327,7 +327,13 @@ class SQLiteQueue:
         return await self._writer.run(op)
 
     async def ping(self) -> None:
-        await self._writer.run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """Ready means a delivery can be stored now: store one and delete it again.
+
+        SELECT 1 answers on a full disk or a read-only file while intake answers 503; the
+        probe goes the way of a delivery (the deliveries tables, COMMIT, the log's sync),
+        so /readyz fails exactly when intake would, and passes again once it would not.
+        After a failed sync the writer refuses every call, this one too (fail-stop)."""
+        await self._writer.run(_probe)
 
     async def purge(self, now: float) -> int:
         return await self._writer.run(
@@ -425,6 +431,30 @@ def _add_many(conn: sqlite3.Connection, batch: Sequence[NewDelivery]) -> list[Ad
     )
     insert_jobs(conn, jobs)
     return results
+
+
+# The readiness probe: a delivery with no jobs and a GUID GitHub cannot send (intake's
+# pattern has no space), never seen outside the probe's own transaction.
+_PROBE = NewDelivery(
+    guid="readiness probe",
+    github_event="",
+    action="",
+    repo="",
+    event="",
+    summary={},
+    payload=b"",
+    skip="readiness probe",
+    jobs=(),
+    received_at=0.0,
+)
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    _add_many(conn, [_PROBE])
+    (delivery_id,) = conn.execute(
+        "DELETE FROM deliveries WHERE guid = ? RETURNING id", (_PROBE.guid,)
+    ).fetchone()
+    conn.execute("DELETE FROM delivery_data WHERE delivery_id = ?", (delivery_id,))
 
 
 def _numbers(conn: sqlite3.Connection, repo_keys: list[str]) -> list[int | None]:
