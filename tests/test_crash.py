@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import subprocess
 import sys
 import time
@@ -9,7 +12,10 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from tests.fakes.vela import FakeVela, Reply
+import httpx
+import pytest
+
+from tests.fakes.vela import FakeVela, Reply, _free_port
 from tests.support import Bridge
 from tests.test_forward import guids_received, push
 
@@ -50,6 +56,70 @@ def test_second_serve_on_the_same_file_refuses_to_start(bridge: Bridge) -> None:
     assert "another vela-bridge process is using" in second.stderr
     assert "Traceback" not in second.stderr
     assert bridge.client.get("/readyz").status_code == 200
+
+
+def test_the_start_up_check_keeps_the_lock_until_the_server_runs(make_bridge: Any) -> None:
+    """Nothing can take the queue file between ``serve``'s check and its lifespan: the
+    check's lock is the one the queue keeps (it used to let go of it, so that a second
+    serve started at the same moment could slip in and crash one with a traceback)."""
+    bridge = make_bridge(start=False).start(wait=False)
+    deadline = time.monotonic() + 15
+    while "listening on" not in bridge.logs():  # printed after the check, before the lifespan
+        assert time.monotonic() < deadline, bridge.logs()
+        time.sleep(0.001)
+    fd = os.open(bridge.db.with_name(bridge.db.name + ".lock"), os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    bridge.wait_ready()
+    assert "Traceback" not in bridge.logs()
+
+
+def test_of_two_serves_started_together_one_serves_and_one_refuses_cleanly(
+    make_bridge: Any,
+) -> None:
+    config = make_bridge(start=False).config
+    ports = [_free_port(), _free_port()]
+    outputs = [config.with_name(f"serve-{port}.log") for port in ports]
+    serve = [sys.executable, "-m", "bridge", "serve", "--config", str(config), "--port"]
+    processes = []
+    for port, output in zip(ports, outputs, strict=True):
+        with output.open("wb") as out:
+            processes.append(
+                subprocess.Popen(
+                    [*serve, str(port)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=config.parent,
+                )
+            )
+    try:
+        deadline = time.monotonic() + 30
+        while all(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        exited = [i for i, p in enumerate(processes) if p.poll() is not None]
+        assert len(exited) == 1, [o.read_text() for o in outputs]
+        loser, winner = exited[0], 1 - exited[0]
+        refusal = outputs[loser].read_text()
+        assert processes[loser].returncode == 2, refusal
+        assert refusal.startswith("vela-bridge: another vela-bridge process is using")
+        assert len(refusal.strip().splitlines()) == 1, refusal  # one line, no traceback
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{ports[winner]}/readyz").status_code == 200:
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(outputs[winner].read_text())
+        assert processes[winner].poll() is None
+        assert "Traceback" not in outputs[winner].read_text()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
 
 
 def test_sigterm_releases_in_flight_work_and_exits_quickly(

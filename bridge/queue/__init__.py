@@ -233,11 +233,13 @@ def _sqlite_path(url: str) -> str:
 
 
 def preflight(url: str) -> None:
-    """Fail fast with a clear QueueError when the queue is certain not to open."""
-    if url.startswith("sqlite:///"):
-        from bridge.queue.sqlite import check_free
+    """Fail fast with a clear QueueError when the queue is certain not to open.
 
-        check_free(_sqlite_path(url))
+    SQLite: takes the file's one-process lock, which open_queue then takes over."""
+    if url.startswith("sqlite:///"):
+        from bridge.queue.sqlite import reserve
+
+        reserve(_sqlite_path(url))
     elif _is_postgres(url):
         try:
             import psycopg  # noqa: F401

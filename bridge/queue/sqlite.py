@@ -166,11 +166,14 @@ class SQLiteQueue:
 
     @classmethod
     async def open(cls, path: str, *, lease_seconds: float, retention_days: float) -> SQLiteQueue:
-        """Open (creating) the file, take the one-process lock, release stale claims."""
+        """Open (creating) the file, take the one-process lock (or reserve()'s), release stale
+        claims."""
         # Through any symlink: SQLite writes its log beside the real file, and that log is
         # the one to sync and the file the lock must cover.
         file = Path(path).resolve()
-        lock = _lock(file)
+        lock = _reserved.pop(file, None)
+        if lock is None:
+            lock = _lock(file)
         writer = Writer(lambda: _connect(file), file, _add_many)
         try:
             writer.start()
@@ -347,9 +350,20 @@ class SQLiteQueue:
         os.close(self._lock)
 
 
-def check_free(path: str) -> None:
-    """Raise QueueLocked (or QueueUnavailable) now, before a server starts, if open() would."""
-    os.close(_lock(Path(path).resolve()))
+# Locks taken by reserve() for this process, each until open() takes it over.
+_reserved: dict[Path, int] = {}
+
+
+def reserve(path: str) -> None:
+    """Take the file's lock now, before a server starts, and keep it for open().
+
+    Raises QueueLocked (or QueueUnavailable) as open() would. Keeping the lock, rather
+    than letting go of it until the lifespan opens the queue, leaves no moment for a
+    second ``serve`` started together with this one to take the file in between: that
+    one is refused here, with the same clear message, and not in the lifespan."""
+    file = Path(path).resolve()
+    if file not in _reserved:
+        _reserved[file] = _lock(file)
 
 
 def _lock(file: Path) -> int:
