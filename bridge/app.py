@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -18,7 +18,7 @@ from bridge import github
 from bridge import observability as metrics
 from bridge.config import Config
 from bridge.convert import Policy
-from bridge.errors import QueueError
+from bridge.errors import BridgeError, QueueError
 from bridge.forward import Forwarder
 from bridge.intake import Intake, JSONResponse
 from bridge.operator import OperatorAPI
@@ -85,10 +85,12 @@ def create_app(config: Config) -> Starlette:
             purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
-            await state.forwarder.stop(SHUTDOWN_GRACE_SECONDS)
-            await talkback.close()
-            await vela.close()
-            await state.queue.close()
+            await _shut_down(
+                ("stopping forwarding", lambda: state.forwarder.stop(SHUTDOWN_GRACE_SECONDS)),
+                ("closing the GitHub client", talkback.close),
+                ("closing the Vela client", vela.close),
+                ("closing the queue", state.queue.close),
+            )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -125,6 +127,19 @@ def create_app(config: Config) -> Starlette:
         *operator.routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _shut_down(*steps: tuple[str, Callable[[], Awaitable[object]]]) -> None:
+    """Run every step, each even when one before it failed: a queue that refuses writes
+    (fail-stop after a failed sync) cannot release the in-flight claims, and must not
+    keep the clients and the queue itself from being closed too (STYLE.md 8)."""
+    for name, step in steps:
+        try:
+            await step()
+        except (BridgeError, OSError) as exc:  # expected: the message says it all
+            log.error("shutdown: %s failed: %s", name, exc)
+        except Exception:  # a bug: its traceback, once
+            log.exception("shutdown: %s failed", name)
 
 
 async def _purge_forever(queue: Queue) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,60 @@ def test_sigterm_releases_in_flight_work_and_exits_quickly(
     restarted.wait_status(guid, "success")
     # The request Vela got before the shutdown was found, not sent again.
     assert guids_received(vela) == Counter({guid: 1})
+
+
+# The bridge with fdatasync failing (EIO) once a marker file exists. A disk error cannot
+# be had on demand, so it is injected at the system call; the rest is the real process.
+_SYNC_FAILS_ONCE_MARKED = """
+import os, sys
+from pathlib import Path
+
+marker, synced = Path(sys.argv.pop(1)), os.fdatasync
+
+
+def fdatasync(fd):
+    if marker.exists():
+        raise OSError(5, "Input/output error")
+    synced(fd)
+
+
+os.fdatasync = fdatasync
+from bridge.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_shutdown_after_a_failed_sync_still_runs_every_step(
+    make_bridge: Any, vela: FakeVela
+) -> None:
+    """After a failed sync the queue refuses everything (fail-stop), so the in-flight
+    claim cannot be released at shutdown: that is logged in one line, and the steps after
+    it (clients, the queue) still run; the claim is released when the bridge restarts."""
+    bridge = make_bridge(start=False, vela={"timeout_seconds": 20}, queue={"lease_seconds": 30})
+    marker = bridge.workdir / "fail-sync"
+    bridge.command = [sys.executable, "-c", _SYNC_FAILS_ONCE_MARKED, str(marker)]
+    bridge.start()
+    vela.always(Reply(create=True, delay=15))  # in flight through the shutdown's grace
+    guid = str(uuid.uuid4())
+    assert bridge.send("push", push(), guid=guid).status_code == 202
+    vela.wait_for_posts(1)
+    marker.touch()
+    assert bridge.send("push", push()).status_code == 503  # its sync failed
+    ready = bridge.client.get("/readyz")
+    assert ready.status_code == 503 and "restart" in ready.json()["reason"]
+
+    assert bridge.terminate() in (0, -15)
+    logs = bridge.logs()
+    assert "Application shutdown complete" in logs, logs  # the lifespan ended without raising
+    assert "Traceback" not in logs and "Application shutdown failed" not in logs, logs
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    failures = [line for line in lines if line["message"].startswith("shutdown: ")]
+    assert len(failures) == 1, failures  # the later steps ran, and did not fail
+    assert failures[0]["level"] == "error" and "exception" not in failures[0]
+    assert failures[0]["message"].startswith("shutdown: stopping forwarding failed: the queue")
+    assert bridge.delivery(guid)["jobs"][0]["state"] == "running"  # left claimed
+
+    vela.always(None)
+    restarted = make_bridge()
+    restarted.wait_status(guid, "success")

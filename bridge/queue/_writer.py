@@ -124,24 +124,27 @@ class Writer:
         return future
 
     async def stop(self) -> None:
-        """Commit what is pending, checkpoint, close."""
+        """Commit what is pending, checkpoint, close; the files and threads are let go
+        of even when closing the connection fails."""
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            await asyncio.wait([self._task])  # a committer that died has failed its calls
-        if self._checkpointing is not None:
-            await self._checkpointing
-        if self._conn is not None:
-            if self._broken is None:  # after a failed sync the log is left to recovery
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._conn.close()
-            self._conn = None
-        if self._wal >= 0:
-            os.close(self._wal)
-            self._wal = -1
-        self._sync.shutdown()
-        self._checkpoints.shutdown()
+        try:
+            if self._task is not None:
+                await asyncio.wait([self._task])  # a committer that died has failed its calls
+            if self._checkpointing is not None:
+                await self._checkpointing
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                if self._broken is None:  # after a failed sync the log is left to recovery
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.close()
+        finally:
+            if self._wal >= 0:
+                os.close(self._wal)
+                self._wal = -1
+            self._sync.shutdown()
+            self._checkpoints.shutdown()
 
     async def _commit_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -346,8 +346,10 @@ class SQLiteQueue:
         )
 
     async def close(self) -> None:
-        await self._writer.stop()
-        os.close(self._lock)
+        try:
+            await self._writer.stop()
+        finally:
+            os.close(self._lock)  # whatever stopping the writer met: the file is free again
 
 
 # Locks taken by reserve() for this process, each until open() takes it over.
