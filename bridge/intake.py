@@ -3,7 +3,10 @@
 The checks run in the order of interface.md "Webhook intake"; the first that
 applies answers. The size cap is starlette's route-level ``max_body_size`` (413
 before anything else is read). Nothing here may raise past the handler: every
-malformed input ends as a 4xx with a JSON ``{"error": …}``.
+malformed input ends as a 4xx with a JSON ``{"error": …}``. Every answer, a
+refusal too, leaves one log line: the GUID and event as GitHub's headers name
+them (when well-formed), repo and action once read, the status and the reason;
+never the signature.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 import orjson
@@ -63,72 +66,98 @@ class Intake:
 
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
-        response, event, outcome = await self._handle(request)
-        metrics.RECEIVED.labels(event, outcome).inc()
-        metrics.INTAKE_DURATION.observe(time.perf_counter() - started)
-        return response
+        answer = await self._handle(request)
+        elapsed = time.perf_counter() - started
+        metrics.RECEIVED.labels(answer.event, answer.outcome).inc()
+        metrics.INTAKE_DURATION.observe(elapsed)
+        # One line for every answer (interface.md "Operations"), refusals included.
+        log.log(
+            logging.ERROR if answer.response.status_code >= 500 else logging.INFO,
+            "delivery %s",
+            answer.outcome,
+            exc_info=answer.error,
+            extra={
+                **answer.fields,
+                "status": answer.outcome,
+                "http_status": answer.response.status_code,
+                "duration_ms": round(elapsed * 1000, 2),
+            },
+        )
+        return answer.response
 
-    async def _handle(self, request: Request) -> tuple[Response, str, str]:
-        """The answer, the event label ("" until the signature is verified) and the outcome."""
+    async def _handle(self, request: Request) -> _Answer:
+        """The checks of interface.md in order; the answer and what its log line says."""
         received = time.time()
+        headers = request.headers
+        event = headers.get("x-github-event", "")
+        guid = headers.get("x-github-delivery", "")
+        # What GitHub's headers name, when well-formed: even a refusal's log line has them.
+        sent = {
+            "delivery": guid if _GUID.fullmatch(guid) else "",
+            "repo": "",
+            "event": event if _EVENT.fullmatch(event) else "",
+            "action": "",
+            "reason": "",
+        }
         try:
             body = await request.body()
         except HTTPException as exc:  # starlette's max_body_size: stop reading, answer 413
             if exc.status_code != 413:
                 raise
-            return _error(413, "the delivery is larger than server.max_body_bytes"), "", "too_large"
-        headers = request.headers
+            why = "the delivery is larger than server.max_body_bytes"
+            return _refused(413, why, "too_large", "", sent)
         raw_signature = _raw_header(request, b"x-hub-signature-256")
         if not signature.verify(raw_signature, body, self._secrets):
             why = "missing" if raw_signature is None else "does not match any configured secret"
-            log.info("refused: X-Hub-Signature-256 %s", why, extra={"status": "unauthorized"})
-            return _error(401, f"X-Hub-Signature-256 {why}"), "", "unauthorized"
-        event = headers.get("x-github-event", "")
-        guid = headers.get("x-github-delivery", "")
-        if not _EVENT.fullmatch(event):
-            return _error(400, "X-GitHub-Event header missing or malformed"), "", "bad_request"
-        if not _GUID.fullmatch(guid):
-            return (
-                _error(400, "X-GitHub-Delivery header missing or malformed"),
-                event,
-                "bad_request",
-            )
+            return _refused(401, f"X-Hub-Signature-256 {why}", "unauthorized", "", sent)
+        if not sent["event"]:
+            why = "X-GitHub-Event header missing or malformed"
+            return _refused(400, why, "bad_request", "", sent)
+        if not sent["delivery"]:
+            why = "X-GitHub-Delivery header missing or malformed"
+            return _refused(400, why, "bad_request", event, sent)
         try:
             payload_bytes, payload = _parse(headers.get("content-type", ""), body, event)
             if event == "ping":
-                return JSONResponse({"status": "pong"}), event, "pong"
+                return _Answer(JSONResponse({"status": "pong"}), "pong", event, sent)
             conversion = convert(event, payload, self._policy)
         except IntakeError as exc:
-            log.info("refused: %s", exc.message, extra={"delivery": guid, "event": event})
-            return _error(exc.status_code, exc.message), event, "bad_request"
+            return _refused(exc.status_code, exc.message, "bad_request", event, sent)
         delivery = _delivery(guid, event, conversion, payload_bytes, received)
         try:
             added = await self._queue.add(delivery)
         except Exception as exc:  # QueueError, or a bug: either way not stored, so no 2xx
-            if isinstance(exc, QueueError):
-                log.error("cannot store delivery: %s", exc, extra=_fields(delivery))
-            else:
-                log.exception("cannot store delivery", extra=_fields(delivery))
             answer = _error(503, "the queue cannot store the delivery right now; try again")
-            return answer, event, "unavailable"
-        log.info(
-            "delivery %s",
-            added,
-            extra={
-                **_fields(delivery),
-                "status": str(added),
-                "reason": delivery.skip or "",
-                "duration_ms": round((time.time() - received) * 1000, 2),
-            },
-        )
+            if isinstance(exc, QueueError):
+                fields = {**_fields(delivery), "reason": f"cannot store the delivery: {exc}"}
+                return _Answer(answer, "unavailable", event, fields)
+            fields = {**_fields(delivery), "reason": "cannot store the delivery: a bug"}
+            return _Answer(answer, "unavailable", event, fields, exc)  # with its traceback
+        fields = {**_fields(delivery), "reason": delivery.skip or ""}
         if added is Added.QUEUED:
             self._on_queued()
-            return JSONResponse({"status": "queued", "delivery": guid}, 202), event, "queued"
+            answer = JSONResponse({"status": "queued", "delivery": guid}, 202)
+            return _Answer(answer, "queued", event, fields)
         if added is Added.DUPLICATE:
-            return JSONResponse({"status": "duplicate", "delivery": guid}), event, "duplicate"
+            answer = JSONResponse({"status": "duplicate", "delivery": guid})
+            return _Answer(answer, "duplicate", event, fields)
         metrics.FINISHED.labels("skipped").inc()
         answer = JSONResponse({"status": "skipped", "delivery": guid, "reason": delivery.skip})
-        return answer, event, "skipped"
+        return _Answer(answer, "skipped", event, fields)
+
+
+class _Answer(NamedTuple):
+    """What intake answered, for the metrics and the log line every answer gets."""
+
+    response: Response
+    outcome: str  # the metrics' outcome label (interface.md), and the log line's status
+    event: str  # the metrics' event label: "" until the signature and the header check out
+    fields: dict[str, str]  # the log line's: delivery, repo, event, action, reason
+    error: BaseException | None = None  # a bug met on the way: logged with its traceback
+
+
+def _refused(status: int, why: str, outcome: str, event: str, sent: dict[str, str]) -> _Answer:
+    return _Answer(_error(status, why), outcome, event, {**sent, "reason": why})
 
 
 def _raw_header(request: Request, name: bytes) -> bytes | None:

@@ -169,6 +169,71 @@ def test_no_secret_ever_reaches_the_logs_or_answers(make_bridge: Any, vela: Fake
             assert secret not in answer
 
 
+def test_every_answer_to_a_webhook_leaves_one_log_line(make_bridge: Any, vela: FakeVela) -> None:
+    """Refusals too (413, 401, 400, 415, 503) and ping: one line each from intake, with
+    the GUID and event GitHub's headers name, the status, the HTTP status and the reason;
+    never the signature."""
+    bridge = make_bridge(server={"max_body_bytes": 20_000})
+    vela.go_down()  # nothing forwarded: the GUIDs stay in intake's lines
+    g = {name: str(uuid.uuid4()) for name in ("big", "bad", "none", "noevent", "ping", "xml")}
+    g |= {name: str(uuid.uuid4()) for name in ("queued", "full", "skipped")}
+    assert (
+        bridge.send("push", {**push(), "padding": "x" * 30_000}, guid=g["big"]).status_code == 413
+    )
+    wrong = bridge.send("push", push(), guid=g["bad"], secret="wrong")
+    github = {"X-GitHub-Event": "push", "X-GitHub-Delivery": g["none"]}
+    unsigned = bridge.client.post("/webhook", json=push(), headers=github)
+    assert wrong.status_code == unsigned.status_code == 401
+    no_event = bridge.send("push", push(), guid=g["noevent"], headers={"X-GitHub-Event": ""})
+    no_guid = bridge.send("push", push(), headers={"X-GitHub-Delivery": ""})
+    assert no_event.status_code == no_guid.status_code == 400
+    assert bridge.send("ping", payload("ping.1.json"), guid=g["ping"]).status_code == 200
+    xml = bridge.send("push", push(), guid=g["xml"], headers={"Content-Type": "text/xml"})
+    assert xml.status_code == 415
+    assert bridge.send("push", push(), guid=g["queued"]).status_code == 202
+    assert bridge.send("push", push(), guid=g["queued"]).status_code == 200  # duplicate
+    undo = _deliveries_refused(bridge)
+    assert bridge.send("push", push(), guid=g["full"]).status_code == 503
+    undo()
+    skipped = payload("issue_comment.created.1.json")
+    assert bridge.send("issue_comment", skipped, guid=g["skipped"]).status_code == 200
+    bridge.stop()
+
+    logs = bridge.logs()
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    intake = [line for line in lines if line["logger"] == "bridge.intake"]
+    assert len(intake) == 11, intake  # one per answer above
+
+    def line(guid: str, status: str) -> dict[str, Any]:
+        found = [x for x in intake if x["delivery"] == guid and x["status"] == status]
+        assert len(found) == 1, (guid, status, intake)
+        return found[0]
+
+    def check(name: str, status: str, code: int, event: str, reason: str) -> dict[str, Any]:
+        found = line(g[name], status)
+        assert found["http_status"] == code and found["event"] == event, found
+        assert reason in found["reason"], found
+        assert found["message"] == f"delivery {status}" and found["duration_ms"] >= 0
+        return found
+
+    check("big", "too_large", 413, "push", "server.max_body_bytes")
+    check("bad", "unauthorized", 401, "push", "does not match any configured secret")
+    check("none", "unauthorized", 401, "push", "X-Hub-Signature-256 missing")
+    check("noevent", "bad_request", 400, "", "X-GitHub-Event header missing")
+    anonymous = line("", "bad_request")
+    assert anonymous["http_status"] == 400 and "X-GitHub-Delivery" in anonymous["reason"]
+    check("ping", "pong", 200, "ping", "")
+    check("xml", "bad_request", 415, "push", "unsupported content type")
+    queued = check("queued", "queued", 202, "push", "")
+    assert queued["repo"] == "octo-org/web.app" and queued["level"] == "info"
+    check("queued", "duplicate", 200, "push", "")
+    full = check("full", "unavailable", 503, "push", "cannot store the delivery")
+    assert full["level"] == "error" and "disk is full" in full["reason"]
+    assert full["repo"] == "octo-org/web.app"
+    check("skipped", "skipped", 200, "issue_comment", "not forwarded")
+    assert re.search(r"[0-9a-f]{64}", logs) is None  # no signature, whatever its prefix
+
+
 def test_dockerfile_runs_the_packaged_command() -> None:
     """No hadolint here: check the image's entry point is the console script we ship."""
     dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
