@@ -580,6 +580,23 @@ def test_a_second_queue_on_the_same_file_is_refused(tmp_path: Path) -> None:
     run(main, f"sqlite:///{tmp_path / 'q.db'}")
 
 
+def test_the_sqlite_readiness_check_stores_a_delivery_and_leaves_nothing(tmp_path: Path) -> None:
+    """SQLite's ping commits a probe delivery's insert and delete: a real write, unseen."""
+
+    async def main(q: Any) -> tuple[int, Added, list[str], int | None]:
+        before = commits(q)
+        await q.ping()
+        written = commits(q) - before
+        added = await q.add(delivery("a"))
+        await q.ping()
+        listed = await q.deliveries(None, None, None, Page())
+        return written, added, [d.guid for d in listed], listed[0].number
+
+    written, added, listed, number = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert written == 1 and added is Added.QUEUED
+    assert listed == ["a"] and number == 1
+
+
 def test_claim_reads_an_index_not_the_backlog(tmp_path: Path) -> None:
     run(lambda q: q.ping(), f"sqlite:///{tmp_path / 'q.db'}")
     conn = sqlite3.connect(tmp_path / "q.db")

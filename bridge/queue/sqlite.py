@@ -467,10 +467,11 @@ _PROBE = NewDelivery(
 
 def _probe(conn: sqlite3.Connection) -> None:
     _add_many(conn, [_PROBE])
-    (delivery_id,) = conn.execute(
-        "DELETE FROM deliveries WHERE guid = ? RETURNING id", (_PROBE.guid,)
-    ).fetchone()
-    conn.execute("DELETE FROM delivery_data WHERE delivery_id = ?", (delivery_id,))
+    conn.execute(
+        "DELETE FROM delivery_data WHERE delivery_id IN (SELECT id FROM deliveries WHERE guid = ?)",
+        (_PROBE.guid,),
+    )
+    conn.execute("DELETE FROM deliveries WHERE guid = ?", (_PROBE.guid,))
 
 
 def _numbers(conn: sqlite3.Connection, repo_keys: list[str]) -> list[int | None]:
