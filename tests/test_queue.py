@@ -750,6 +750,50 @@ def test_postgres_url_password_is_never_shown(pg_url: str) -> None:
     assert "bridge:***@127.0.0.1" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:se#cret@db.example/q", "postgresql://u:***@db.example/q"),
+        ("postgresql://u:se?cret@db.example/q", "postgresql://u:***@db.example/q"),
+        ("postgres://u:se#c?ret:x@db.example:5432/q", "postgres://u:***@db.example:5432/q"),
+        ("postgresql://u:se[c]ret&a=b@db.example/q", "postgresql://u:***@db.example/q"),
+        ("postgresql://u:se%23c%2Fr%40et@db.example/q", "postgresql://u:***@db.example/q"),
+        ("postgresql://:se#cret@[::1]:5432,h2/q", "postgresql://:***@[::1]:5432,h2/q"),
+        (
+            "postgresql://u@db.example/q?password=se#cret",
+            "postgresql://u@db.example/q?password=***",
+        ),
+        (
+            "postgresql://u@db.example?sslmode=require&pass%77ord=se%26cret&sslpassword=ke#y",
+            "postgresql://u@db.example?sslmode=require&pass%77ord=***&sslpassword=***",
+        ),
+        # Not usable by libpq, yet meant as a password: not shown either.
+        ("postgresql://u:se@cret@db.example/q", "postgresql://u:***@db.example/q"),
+        ("postgresql://u:se/cret@db.example/q", "postgresql://u:***@db.example/q"),
+        ("postgresql://db.example:5432/q?options=-csearch_path%3Dx", None),
+        ("sqlite:///./with:colon@at.db", None),
+    ],
+)
+def test_postgres_url_masking_reads_the_url_as_libpq_does(url: str, shown: str | None) -> None:
+    """masked() hides whatever libpq would send as a password, whatever its characters."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from bridge.queue._postgres_url import masked, scrub
+
+    assert masked(url) == (url if shown is None else shown)
+    try:
+        parsed = conninfo_to_dict(url) if url.startswith("postgres") else {}
+    except psycopg.ProgrammingError:
+        parsed = {}  # libpq refuses it: the cases above say what is masked
+    secrets = [str(parsed[key]) for key in ("password", "sslpassword") if key in parsed]
+    assert secrets or shown is None or "@cret" in url or "/cret" in url
+    for secret in secrets:
+        assert secret not in masked(url)
+        message = f"connection to {url} failed: password {secret!r} refused"
+        assert secret not in scrub(message, url)
+
+
 def _closed_port() -> int:
     from tests.fakes.vela import _free_port
 
