@@ -640,6 +640,41 @@ def test_postgres_retakes_a_dead_replicas_claim_once_its_lease_expires(pg_url: s
     asyncio.run(main())
 
 
+def test_postgres_release_frees_only_the_claim_this_replica_holds(pg_url: str) -> None:
+    """A shutdown's release of a job whose claim was settled and then retaken by another
+    replica leaves that replica's claim alone (it used to free any running claim)."""
+    import psycopg
+
+    async def main() -> None:
+        a, b = await opened(pg_url, lease=5), await opened(pg_url, lease=5)
+        try:
+            await a.add(delivery("g"))
+            now = time.time()
+            (job,) = await a.claim(10, now)
+            (again,) = await b.claim(10, now + 6)  # a's lease ran out: b holds the job now
+            # a's late outcome, then a's shutdown still listing the job as in flight.
+            failed = Settlement(
+                JobState.RETRYING, Attempt(now, 1, 502, "", ""), next_attempt_at=now
+            )
+            assert await a.settle(job.id, failed, now + 7, claim=job.claim) is False
+            await a.release([job.id], now + 7)
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT state, claim_token FROM jobs WHERE id = %s", (job.id,)
+                ).fetchone()
+            assert row == ("running", again.claim)
+            assert await a.claim(10, now + 8) == []  # b's lease holds: nobody else sends it
+            # b's own release frees its claim: the job retries at once, looked up first.
+            await b.release([again.id], now + 8)
+            (third,) = await a.claim(10, now + 8)
+            assert (third.id, third.unclear) == (job.id, True)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
 def test_postgres_replicas_dedupe_and_number_as_one(pg_url: str) -> None:
     async def main() -> tuple[list[Added], list[int]]:
         a, b = await asyncio.gather(opened(pg_url), opened(pg_url))  # migrations race too

@@ -266,8 +266,11 @@ class PostgresQueue:
         return await self._tx(lambda conn: work.settle_many(conn, batch), mode="pipeline")
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
-        ids = sorted(set(job_ids))
-        tokens = [self._claims.pop(i, (None, ""))[0] for i in ids]
+        # Only the claims this queue holds, each matched on its token: a job with none
+        # here (settled meanwhile, then claimed by another replica, say) is not ours to free.
+        held = {i: self._claims.pop(i) for i in set(job_ids) if i in self._claims}
+        ids = sorted(held)
+        tokens = [held[i][0] for i in ids]
 
         async def op(conn: Conn) -> None:
             await conn.execute(
@@ -278,7 +281,7 @@ class PostgresQueue:
                 "UPDATE jobs j SET state = 'retrying', lease_until = NULL, claim_token = NULL,"
                 " unclear = true, next_attempt_at = %s"
                 " FROM unnest(%s::int8[], %s::int8[]) AS u (id, token) WHERE j.id = u.id"
-                " AND j.state = 'running' AND (u.token IS NULL OR j.claim_token = u.token)"
+                " AND j.state = 'running' AND j.claim_token = u.token"
                 " RETURNING j.delivery_id",
                 (now, ids, tokens),
             )
