@@ -675,6 +675,56 @@ def test_postgres_release_frees_only_the_claim_this_replica_holds(pg_url: str) -
     asyncio.run(main())
 
 
+def test_postgres_intake_answers_unavailable_soon_when_a_peer_holds_a_lock(pg_url: str) -> None:
+    """A stuck session holding a lock intake needs costs a quick QueueUnavailable (503),
+    well within GitHub's 10 s, not a wait for ever; nothing is half-stored; and once the
+    lock is gone intake works again. The same for a statement that is merely slow."""
+    import psycopg
+
+    async def main() -> None:
+        q = await opened(pg_url)
+        try:
+            assert await q.add(delivery("before")) is Added.QUEUED
+            with psycopg.connect(pg_url) as peer:  # a transaction left open, holding the lock
+                peer.execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+                started = time.monotonic()
+                try:
+                    with pytest.raises(QueueUnavailable, match="lock timeout"):
+                        await asyncio.wait_for(q.add(delivery("blocked")), 9)
+                    took = time.monotonic() - started
+                finally:
+                    peer.rollback()
+            assert took < 5, took
+            assert await q.delivery("blocked") is None
+            assert await q.add(delivery("blocked")) is Added.QUEUED
+            stored = await q.delivery("blocked")
+            assert stored is not None and stored.number == 2  # no number was used up
+            # Slow without any lock: intake's statement timeout cancels it.
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute(
+                    "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
+                    " $$ BEGIN PERFORM pg_sleep(30); RETURN NEW; END $$;"
+                    " CREATE TRIGGER slow BEFORE INSERT ON deliveries"
+                    " FOR EACH ROW EXECUTE FUNCTION slow()"
+                )
+            started = time.monotonic()
+            with pytest.raises(QueueUnavailable, match="statement timeout"):
+                await asyncio.wait_for(q.add(delivery("slow")), 9)
+            assert time.monotonic() - started < 8
+            assert await q.delivery("slow") is None
+            # The pool's sessions carry the bounds (and an idle transaction's).
+            async with q._pool.connection() as conn:  # type: ignore[attr-defined]
+                cur = await conn.execute(
+                    "SELECT current_setting('lock_timeout'),"
+                    " current_setting('idle_in_transaction_session_timeout')"
+                )
+                assert await cur.fetchone() == ("2s", "10s")
+        finally:
+            await q.close()
+
+    asyncio.run(main())
+
+
 def test_postgres_replicas_dedupe_and_number_as_one(pg_url: str) -> None:
     async def main() -> tuple[list[Added], list[int]]:
         a, b = await asyncio.gather(opened(pg_url), opened(pg_url))  # migrations race too

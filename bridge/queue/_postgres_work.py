@@ -34,6 +34,10 @@ from bridge.states import FINISHED, IllegalTransition, JobState, check, delivery
 log = logging.getLogger("bridge.queue")
 
 PURGE_CHUNK = 5_000  # deliveries deleted per transaction
+# Intake's bound on each of its statements (SET LOCAL: its transactions only; a purge or
+# an operator's read may take longer). One slower than this could not be answered within
+# GitHub's 10 s either: it is cancelled (query_canceled) and intake answers 503 now.
+INTAKE_STATEMENT_TIMEOUT = "5s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,8 @@ async def add_many(conn: Conn, batch: Sequence[NewDelivery]) -> list[Added]:
     first: dict[str, int] = {}
     for index, d in enumerate(ds):
         first.setdefault(d.guid, index)
-    # One round trip in pipeline mode: the locks, then what they protect, in that order.
+    # One round trip in pipeline mode: the bound, the locks, then what they protect.
+    await conn.execute(f"SET LOCAL statement_timeout = '{INTAKE_STATEMENT_TIMEOUT}'")
     await lock(
         conn,
         [(NS_GUID, key32(guid)) for guid in first]

@@ -44,6 +44,11 @@ first, in ascending order in one statement, then job rows (ascending id), then
 delivery rows (ascending id); see :mod:`._postgres_rows`. Deadlocks that remain
 possible in rare interleavings with the retention purge are retried.
 
+*Bounded waits.* GitHub marks a delivery failed after 10 s, so intake must answer
+503 before that rather than hang on a stuck peer: every pooled session runs with
+``lock_timeout`` 2 s and ``idle_in_transaction_session_timeout`` 10 s, and intake's
+transactions with ``statement_timeout`` 5 s; a timeout is QueueUnavailable.
+
 The driver is psycopg 3 (``pip install 'vela-bridge[postgres]'``), imported
 only when a ``postgresql://`` URL is opened.
 """
@@ -102,6 +107,16 @@ _DEDUPE_SECONDS = 7 * 86_400  # interface.md: GUIDs are kept at least 7 days
 _MAX_BATCH = 256
 _POOL_SIZE = 10
 _CONNECT_SECONDS = 5.0  # GitHub gives a delivery 10 s: answer 503 well before that
+# Session settings of every pooled connection (set by _configure, not through the URL's
+# options=, which the operator may need for search_path). The bridge holds its locks for
+# milliseconds, so a wait of 2 s means a stuck session elsewhere: the statement fails
+# (lock_not_available) and intake answers 503 well within GitHub's 10 s, rather than
+# waiting for ever and being marked failed by GitHub anyway (the sweep catches up later).
+_LOCK_TIMEOUT = "2s"
+# A transaction of the bridge's own left open (a bug, a stalled event loop) must not hold
+# its locks for long: PostgreSQL ends the session, the pool replaces the connection.
+_IDLE_IN_TRANSACTION_TIMEOUT = "10s"
+# Intake also bounds each of its statements: work.INTAKE_STATEMENT_TIMEOUT.
 _RETRIES = 5
 # Worth another try of the whole transaction: nothing of it was committed.
 _TRANSIENT = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -200,6 +215,8 @@ class PostgresQueue:
         raise AssertionError("unreachable")
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailable:
+        # A lock or statement timeout (lock_not_available, query_canceled) is the server
+        # being unavailable, not the data: a 503, and no retry that would wait again.
         kind = _Refused if isinstance(exc, _DATA) else QueueUnavailable
         return kind(f"the PostgreSQL queue failed: {scrub(str(exc), self._url)}")
 
@@ -414,8 +431,13 @@ class PostgresQueue:
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    """interface.md: a 2xx survives a power cut, so a commit must wait for the WAL flush."""
-    cur = await conn.execute("SHOW synchronous_commit")
+    """Session settings, in one round trip: the lock and idle timeouts above; and
+    interface.md: a 2xx survives a power cut, so a commit must wait for the WAL flush."""
+    cur = await conn.execute(
+        "SELECT current_setting('synchronous_commit'), set_config('lock_timeout', %s, false),"
+        " set_config('idle_in_transaction_session_timeout', %s, false)",
+        (_LOCK_TIMEOUT, _IDLE_IN_TRANSACTION_TIMEOUT),
+    )
     row = await cur.fetchone()
     if row is not None and row[0] == "off":
         await conn.execute("SET synchronous_commit = on")
