@@ -74,4 +74,4 @@ def shared_bridge(
 
 
 # -- PostgreSQL (issue 6): a server or a throwaway cluster, and a database per test ----------
-from tests.pg import pg_url, postgres_server  # noqa: E402, F401
+from tests.pg import pg_cluster, pg_url, postgres_server  # noqa: E402, F401

@@ -9,7 +9,9 @@ initdb refuses), listening on a free loopback port with its socket in that folde
 and fsync on, and removed afterwards. Otherwise the PostgreSQL tests are skipped
 with the reason shown, except in CI (``CI=true``), where that is a failure.
 
-Every test gets a database of its own (:func:`pg_url`), dropped afterwards.
+Every test gets a database of its own (:func:`pg_url`), dropped afterwards. A test
+that stops the server takes a cluster of its own (:func:`pg_cluster`, which needs
+the binaries even when the environment names a server).
 """
 
 from __future__ import annotations
@@ -104,6 +106,19 @@ class _Cluster:
     def start(self) -> str:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
                   "-E", "UTF8", "--locale=C", "--no-instructions")  # fmt: skip
+        self.resume()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def pause(self) -> None:
+        """Stop the server (an outage: every connection is cut), keeping its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the server on its data and port; returns once it accepts connections."""
         options = " ".join(
             [
                 f"-p {self.port}",
@@ -117,7 +132,6 @@ class _Cluster:
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", options,
                   "-l", str(self.base / "server.log"), "-w", "-t", "60", "start")  # fmt: skip
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -161,6 +175,25 @@ def postgres_server() -> Iterator[PostgresServer]:
         server = PostgresServer(cluster.start())
         server.wait()
         yield server
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[_Cluster]:
+    """A throwaway cluster of this test's own, which it may stop and start (an outage)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("the driver is not installed (pip install -e '.[test]')")
+    bindir = _bindir()
+    if bindir is None:
+        _unavailable("an outage needs a cluster of its own: apt-get install postgresql")
+        return
+    cluster = _Cluster(bindir)
+    try:
+        PostgresServer(cluster.start()).wait()
+        yield cluster
     finally:
         cluster.stop()
 

@@ -725,6 +725,39 @@ def test_postgres_intake_answers_unavailable_soon_when_a_peer_holds_a_lock(pg_ur
     asyncio.run(main())
 
 
+@pytest.mark.slow
+def test_postgres_queue_serves_again_soon_after_an_outage(pg_cluster: Any) -> None:
+    """The server stops for 20 s while the queue is in use, then comes back: the queue
+    serves again within a few seconds. (With psycopg_pool's default reconnect_timeout,
+    300 s, the pool's doubling waits between tries had reached 16 s: ~8 s more.)"""
+
+    async def main() -> float:
+        q = await opened(pg_cluster.url)
+        try:
+            await q.ping()
+
+            async def serving(until: float) -> bool:
+                while time.monotonic() < until:  # polled like /readyz and the forwarder
+                    try:
+                        await asyncio.wait_for(q.ping(), until - time.monotonic())
+                        return True
+                    except (QueueUnavailable, TimeoutError):
+                        await asyncio.sleep(0.2)
+                return False
+
+            pg_cluster.pause()
+            assert not await serving(time.monotonic() + 20)
+            pg_cluster.resume()  # returns once the server accepts connections
+            back = time.monotonic()
+            assert await serving(back + 60)
+            return time.monotonic() - back
+        finally:
+            await q.close()
+
+    took = asyncio.run(main())
+    assert took < 4, f"served again {took:.1f} s after the server was back"
+
+
 def test_postgres_replicas_dedupe_and_number_as_one(pg_url: str) -> None:
     async def main() -> tuple[list[Added], list[int]]:
         a, b = await asyncio.gather(opened(pg_url), opened(pg_url))  # migrations race too

@@ -48,6 +48,7 @@ possible in rare interleavings with the retention purge are retried.
 503 before that rather than hang on a stuck peer: every pooled session runs with
 ``lock_timeout`` 2 s and ``idle_in_transaction_session_timeout`` 10 s, and intake's
 transactions with ``statement_timeout`` 5 s; a timeout is QueueUnavailable.
+After an outage the pool reconnects within seconds of the server being back.
 
 The driver is psycopg 3 (``pip install 'vela-bridge[postgres]'``), imported
 only when a ``postgresql://`` URL is opened.
@@ -117,6 +118,12 @@ _LOCK_TIMEOUT = "2s"
 # its locks for long: PostgreSQL ends the session, the pool replaces the connection.
 _IDLE_IN_TRANSACTION_TIMEOUT = "10s"
 # Intake also bounds each of its statements: work.INTAKE_STATEMENT_TIMEOUT.
+# How long the pool keeps re-trying a lost connection on its own, with waits doubling
+# from 1 s (psycopg_pool's default, 300 s, let them grow to a minute and more, so the
+# queue stayed unavailable for that long after the server was back). Once it gives up,
+# the next request for a connection starts a new try at once; requests come often (the
+# forwarder's polls, /readyz), so a connection is back within ~2 s of the server.
+_RECONNECT_SECONDS = 5.0
 _RETRIES = 5
 # Worth another try of the whole transaction: nothing of it was committed.
 _TRANSIENT = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -165,6 +172,7 @@ class PostgresQueue:
                 max_size=_POOL_SIZE,
                 kwargs={"autocommit": True, "connect_timeout": int(_CONNECT_SECONDS)},
                 configure=_configure,
+                reconnect_timeout=_RECONNECT_SECONDS,
                 check=AsyncConnectionPool.check_connection,
                 open=False,
                 name="vela-bridge",
