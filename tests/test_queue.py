@@ -758,6 +758,47 @@ def test_postgres_queue_serves_again_soon_after_an_outage(pg_cluster: Any) -> No
     assert took < 4, f"served again {took:.1f} s after the server was back"
 
 
+def test_postgres_readiness_fails_while_the_server_is_read_only(pg_cluster: Any) -> None:
+    """The server turns read-only under open connections (a failover to a standby
+    looks the same to them): the readiness check fails with intake, and passes again
+    with it, leaving nothing behind."""
+    import psycopg
+
+    def read_only(on: bool) -> None:
+        with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
+            value = "on" if on else "off"
+            conn.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
+            conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the backends read the configuration again between statements
+
+    async def main() -> list[Any]:
+        q = await opened(pg_cluster.url)
+        try:
+            await q.ping()
+            read_only(True)
+            try:
+                outcomes: list[Any] = []
+                for call in (q.ping(), q.add(delivery("g1"))):
+                    try:
+                        outcomes.append(await call)
+                    except QueueUnavailable as exc:
+                        outcomes.append(str(exc))
+            finally:
+                read_only(False)
+            await q.ping()
+            outcomes.append(await q.add(delivery("g2")))
+            with psycopg.connect(pg_cluster.url) as conn:
+                outcomes.append(conn.execute("SELECT count(*) FROM leases").fetchone())
+            return outcomes
+        finally:
+            await q.close()
+
+    ping, add, added, leases = asyncio.run(main())
+    assert "read-only transaction" in ping and "read-only transaction" in add
+    assert added is Added.QUEUED
+    assert leases == (0,)
+
+
 def test_postgres_replicas_dedupe_and_number_as_one(pg_url: str) -> None:
     async def main() -> tuple[list[Added], list[int]]:
         a, b = await asyncio.gather(opened(pg_url), opened(pg_url))  # migrations race too

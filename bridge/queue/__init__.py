@@ -219,8 +219,8 @@ class Queue(Protocol):
         """Jobs not yet finished, and the age in seconds of the oldest (0 when none)."""
 
     async def ping(self) -> None:
-        """Raise QueueUnavailable unless the queue answers (/readyz). SQLite checks more:
-        that a delivery can be stored right now."""
+        """Raise QueueUnavailable unless the queue takes a write right now (/readyz): it
+        fails when intake would, not only when the queue cannot be reached."""
 
     async def purge(self, now: float) -> int:
         """Apply queue.retention_days; the number of deliveries touched."""

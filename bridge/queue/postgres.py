@@ -413,10 +413,18 @@ class PostgresQueue:
     # -- upkeep --------------------------------------------------------------------------
 
     async def ping(self) -> None:
-        async def op(conn: Conn) -> None:
-            await conn.execute("SELECT 1")
+        """Ready means the server takes a write now: one that leaves nothing. SELECT 1
+        also answers on a server that has turned read-only (a standby after a failover,
+        a full disk that stopped its log) while intake answers 503."""
+        name = f"readiness {secrets.token_hex(8)}"  # replicas probe at once: a name each
 
-        await self._tx(op, mode="single")
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (%s, '', 0)", (name,)
+            )
+            await conn.execute("DELETE FROM leases WHERE name = %s", (name,))
+
+        await self._tx(op)
 
     async def purge(self, now: float) -> int:
         bodies_before = now - self._retention
