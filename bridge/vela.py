@@ -26,7 +26,6 @@ from bridge.errors import ForwardError, Rejected, Retryable, Unauthorized
 
 USER_AGENT = f"vela-bridge/{__version__}"
 _EXCERPT = 300
-_MAYBE_CREATED = frozenset({500, 502, 504})
 # Seconds a Vela server's clock may run behind ours when comparing creation times.
 _CLOCK_SLACK = 5.0
 
@@ -88,9 +87,11 @@ def classify(status: int, text: str, retry_after: str | None = None, *, now: flo
             status_code=status,
             body=excerpt,
             retry_after=parse_retry_after(retry_after, now or time.time()),
-            # Vela may have created the build before a 500 (e.g. its queue publish failed)
-            # or behind a gateway's 502/504: look before re-sending. 408/429/503 refused it.
-            sent=status in _MAYBE_CREATED,
+            # Any 5xx may come after the build was made: Vela's own 500 (its queue publish
+            # failed), or a gateway's answer once it had passed the request on (502, 504,
+            # Envoy's 503 "upstream reset", Cloudflare's 524): look before re-sending.
+            # 408 and 429 say the request was not taken up.
+            sent=status >= 500,
         )
     raise Rejected(f"Vela rejected it: {message}", status_code=status, body=excerpt)
 

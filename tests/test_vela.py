@@ -25,6 +25,7 @@ from bridge.forward import Backoff
 from bridge.vela import Accepted, Skipped, VelaClient, classify, parse_retry_after
 from tests.fakes.vela import FakeVela, Reply
 from tests.support import VELA_TOKEN
+from tests.test_forward import push
 
 NOW = 1_732_262_400.0  # Fri, 22 Nov 2024 08:00:00 GMT
 BUILD = {"id": 9001, "number": 42, "link": "https://vela.example.com/octo/web/42"}
@@ -122,14 +123,16 @@ def test_401_and_403_are_a_token_problem(status: int) -> None:
     ("status", "maybe_created"),
     [
         # Vela may have created the build before answering 500 (its queue publish failed),
-        # or behind a gateway's 502/504: an unclear failure, look before re-sending.
+        # or a gateway answers after passing the request on (502, 504, Envoy's 503, a
+        # CDN's 524): an unclear failure, look before re-sending.
         (500, True),
         (502, True),
+        (503, True),
         (504, True),
-        # 408, 429 and 503 refuse the request: it was not acted on.
+        (524, True),
+        # 408 and 429 refuse the request: it was not acted on.
         (408, False),
         (429, False),
-        (503, False),
     ],
 )
 def test_transient_statuses_are_retryable(status: int, maybe_created: bool) -> None:
@@ -413,7 +416,7 @@ def test_a_scripted_503_with_retry_after_is_retryable(vela: FakeVela) -> None:
     with pytest.raises(Retryable) as caught:
         send(vela, request_body())
     assert (caught.value.status_code, caught.value.retry_after) == (503, 45.0)
-    assert caught.value.sent is False  # a 503 refused it: nothing to look for
+    assert caught.value.sent is True  # a gateway's 503 may come after Vela made it
 
 
 def test_a_scripted_event_not_enabled_is_skipped(vela: FakeVela) -> None:
@@ -520,3 +523,22 @@ def test_find_build_when_vela_is_down_is_retryable(vela: FakeVela) -> None:
     with pytest.raises(Retryable) as caught:
         find(vela, request_body())
     assert caught.value.sent is False
+
+
+@pytest.mark.parametrize("status", [503, 524])
+def test_a_gateway_5xx_after_vela_made_the_build_is_looked_up_not_sent_again(
+    make_bridge: Any, vela: FakeVela, status: int
+) -> None:
+    """A gateway answers a 5xx once it has passed the request on (Envoy's 503 "upstream
+    reset before headers", a CDN's 524): the build may exist, so one delivery must not
+    become two builds."""
+    bridge = make_bridge(retry={"initial_backoff_seconds": 0.1})
+    gateway = {"error": "upstream connect error or disconnect/reset before headers"}
+    vela.script(Reply(status, gateway, create=True))
+    guid = "gateway-" + str(status)
+    bridge.send("push", push(), guid=guid)
+    stored = bridge.wait_status(guid, "success")
+    assert len(vela.posts()) == 1  # looked up, found, not sent again
+    assert [r.method for r in vela.requests] == ["POST", "GET"]
+    assert sum(len(builds) for builds in vela.builds.values()) == 1
+    assert stored["jobs"][0]["vela_number"] == 1

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-_DELAY = web.RequestKey("delay", float)
+_CREATED = web.RequestKey("created", "Reply")
 
 
 @dataclass
@@ -41,7 +41,9 @@ class Reply:
     """A scripted answer: ``status`` with ``body`` (JSON), after ``delay`` seconds.
 
     With ``create``, the request is handled as Vela would (the build exists) and only
-    the answer is delayed: a client that times out cannot know it succeeded.
+    the answer is delayed: a client that times out cannot know it succeeded. With
+    ``create`` and a ``status`` other than 201, that status and ``body`` are answered
+    instead of the build, as a gateway in front of Vela may after passing it on.
     """
 
     status: int = 201
@@ -174,7 +176,7 @@ class FakeVela:
         if reply is None:
             return None
         if reply.create:
-            request[_DELAY] = reply.delay
+            request[_CREATED] = reply
             return None
         await self._record(request)
         if reply.delay:
@@ -201,11 +203,16 @@ class FakeVela:
         return await self._answer(request, build)
 
     async def _answer(self, request: web.Request, created: dict[str, Any]) -> web.Response:
-        """201 with what was created, after a scripted delay when one was asked for."""
-        delay = request.get(_DELAY, 0.0)
-        if delay:
-            await asyncio.sleep(delay)
-        return web.json_response(created, status=201)
+        """201 with what was created, or the scripted answer instead, after a scripted
+        delay when one was asked for."""
+        reply = request.get(_CREATED)
+        if reply is None:
+            return web.json_response(created, status=201)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.status == 201:
+            return web.json_response(created, status=201)
+        return web.json_response(reply.body, status=reply.status, headers=reply.headers)
 
     async def _list_builds(self, request: web.Request) -> web.Response:
         await self._record(request)
