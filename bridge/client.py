@@ -13,13 +13,25 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from bridge import __version__
 
 
 class ClientError(Exception):
     """Something the operator must fix; ``str()`` is the one line to print."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error to show, not a request to follow: urllib would turn the
+    replay's POST into a GET (restarting nothing) and send the token on to wherever it
+    points, another host included."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
 
 
 class OperatorClient:
@@ -59,9 +71,20 @@ class OperatorClient:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+            with _opener.open(request, timeout=self._timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                to = urlsplit(exc.headers.get("Location") or "")
+                shown = (
+                    f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}"
+                    if to.netloc
+                    else to.path
+                )
+                raise ClientError(
+                    f"the bridge at {self.url} answered {exc.code}, a redirect to"
+                    f" {shown or 'nowhere'}: give that address with --url"
+                ) from None
             if exc.code == 401:
                 raise ClientError(
                     f"the bridge at {self.url} refused the operator token"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -325,3 +327,51 @@ def test_cli_failures_are_one_clear_line(bridge: Bridge) -> None:
     assert down.returncode == 1 and "cannot reach the bridge" in down.stderr
     missing = cli("replay", REPO, "42", "--url", bridge.url)
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_cli_does_not_follow_a_redirect() -> None:
+    """An ingress answering http with a redirect: urllib would replay as a GET elsewhere
+    (restarting nothing, yet saying "restarted") and send the token along."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Target(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.command, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Redirect(Target):
+        def do_POST(self) -> None:
+            self.send_response(301)
+            self.send_header(
+                "Location", f"http://u:pw@127.0.0.1:{target.server_port}{self.path}?k=v"
+            )
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST
+
+    target = http.server.HTTPServer(("127.0.0.1", 0), Target)
+    front = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (target, front):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for args in (["replay", REPO, "1"], ["deliveries"]):
+            result = cli(*args, "--url", f"http://127.0.0.1:{front.server_port}")
+            assert result.returncode == 1 and "Traceback" not in result.stderr
+            assert result.stdout == ""
+            line = result.stderr.strip()
+            assert "answered 301, a redirect to http://127.0.0.1:" in line, line
+            assert "pw" not in line and "k=v" not in line
+    finally:
+        for server in (target, front):
+            server.shutdown()
+            server.server_close()
+    assert seen == []  # nothing reached the redirect's target, the token least of all
