@@ -224,6 +224,18 @@ def test_retry_after(
     assert retry_after(status, headers, message, now=1_000_000.0) == wait
 
 
+def test_a_retry_after_date_without_a_zone_is_gmt_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:  # 1_000_030 is Mon, 12 Jan 1970 13:47:10 GMT
+        assert retry_after(429, {"retry-after": "Mon Jan 12 13:47:10 1970"}, "", 1_000_000.0) == 30
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_start_is_off_without_features_and_refuses_bad_credentials(tmp_path: Path) -> None:
     async def go() -> GitHubService:
         queue = await open_queue(

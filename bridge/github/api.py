@@ -18,7 +18,6 @@ retried here: the callers decide (the sweep waits for its next turn).
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import gidgethub.apps
 from bridge import __version__
 from bridge.config import GitHubHook
 from bridge.github import GitHubError, RateLimited
+from bridge.vela import parse_retry_after
 
 PER_PAGE = 100
 MAX_RETRY_AFTER_SECONDS = 3600.0  # a primary limit resets within the hour
@@ -262,7 +262,7 @@ def retry_after(status: int, headers: Mapping[str, str], message: str, now: floa
     wait: float | None = None
     header = headers.get("retry-after") or headers.get("Retry-After")
     if header:
-        wait = _http_wait(header.strip(), now)
+        wait = parse_retry_after(header, now)  # seconds, or an HTTP date (GMT when zoneless)
     remaining = headers.get("x-ratelimit-remaining") or headers.get("X-RateLimit-Remaining")
     reset = headers.get("x-ratelimit-reset") or headers.get("X-RateLimit-Reset")
     if wait is None and remaining == "0" and reset:
@@ -273,12 +273,3 @@ def retry_after(status: int, headers: Mapping[str, str], message: str, now: floa
     if wait is None:
         return None  # a 403 that is a permission problem, not a limit
     return min(max(wait, 1.0), MAX_RETRY_AFTER_SECONDS)
-
-
-def _http_wait(value: str, now: float) -> float | None:
-    """Retry-After: delay-seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    if value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        return email.utils.parsedate_to_datetime(value).timestamp() - now
-    return None
