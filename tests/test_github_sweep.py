@@ -256,6 +256,18 @@ def test_an_error_on_a_redelivery_ends_the_sweep_until_the_next(
     assert any(m.startswith("github refused a redelivery; the sweep of the") for m in messages)
 
 
+def two_hooks_config(server: FakeGitHub, **overrides: Any) -> GitHubConfig:
+    """Token mode, sweeping a repository's hook (id 11) and an organisation's (id 12)."""
+    return GitHubConfig(
+        webhook_secrets=(Secret("s"),),
+        api_url=server.url,
+        token=Secret(TOKEN),
+        hooks=(GitHubHook(11, repo="octo-org/web.app"), GitHubHook(12, org="octo-org")),
+        redeliver=True,
+        **overrides,
+    )
+
+
 def test_the_bound_spans_the_hooks_of_a_sweep_refused_requests_included(tmp_path: Path) -> None:
     """Token mode with two hooks: what the first hook's refused requests spent is not
     available to the second."""
@@ -266,14 +278,7 @@ def test_the_bound_spans_the_hooks_of_a_sweep_refused_requests_included(tmp_path
         entries += [server.add_delivery(PUSH, status_code=0, hook=second) for _ in range(2)]
         for entry in entries:
             server.fail_next(Failure(422, path=f"/{entry.id}/attempts", count=1_000))
-        config = GitHubConfig(
-            webhook_secrets=(Secret("s"),),
-            api_url=server.url,
-            token=Secret(TOKEN),
-            hooks=(GitHubHook(11, repo="octo-org/web.app"), GitHubHook(12, org="octo-org")),
-            redeliver=True,
-            redeliver_max_per_sweep=3,
-        )
+        config = two_hooks_config(server, redeliver_max_per_sweep=3)
 
         async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:
             return await make().sweep()
@@ -434,13 +439,7 @@ def test_token_mode_sweeps_repository_and_organization_hooks_on_ghes(tmp_path: P
         repo = server.add_delivery(PUSH, status_code=0, hook=repo_hook("octo-org/web.app", 11))
         org = server.add_delivery(PUSH, status_code=502, hook=org_hook("octo-org", 12))
         server.add_delivery(PUSH, status_code=202, hook=repo_hook("octo-org/web.app", 11))
-        config = GitHubConfig(
-            webhook_secrets=(Secret("s"),),
-            api_url=server.url,
-            token=Secret(TOKEN),
-            hooks=(GitHubHook(11, repo="octo-org/web.app"), GitHubHook(12, org="octo-org")),
-            redeliver=True,
-        )
+        config = two_hooks_config(server)
 
         async def main(make: Callable[..., Sweeper], queue: Queue) -> Any:
             return await make().sweep()
