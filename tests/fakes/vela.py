@@ -3,7 +3,9 @@
 A real HTTP server (aiohttp.web) on loopback, in a thread of its own, that
 speaks the parts of Vela's API the bridge uses, records every request, and can
 be told to misbehave: refuse connections, answer a given status, or hang.
+Like Vela, it answers 401 to every request without ``Bearer <token>``.
 
+    GET  /api/v1/user                          200 + the token's user
     POST /api/v1/repos/{org}/{repo}/builds     201 + build object (number per repo, link)
     GET  /api/v1/repos/{org}/{repo}/builds     ?commit=&event=: the builds it created
     POST /api/v1/deployments/{org}/{repo}      201 + deployment (number it "created" on GitHub)
@@ -55,7 +57,8 @@ class Reply:
 
 class FakeVela:
     def __init__(self, token: str = "vela-token") -> None:
-        self.token = token
+        self.token = token  # a test may change it (the bridge's token "expires"): reset() undoes
+        self._own_token = token
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
@@ -92,6 +95,7 @@ class FakeVela:
         self._call(self._start())
 
     def reset(self) -> None:
+        self.token = self._own_token
         with self._lock:
             self._script.clear()
             self._default.clear()
@@ -102,7 +106,8 @@ class FakeVela:
             self.come_up()
 
     def script(self, *replies: Reply) -> None:
-        """The next POSTs get these answers, in order; then the default behaviour."""
+        """The next POSTs that pass the token check get these answers, in order; then the
+        default behaviour."""
         with self._lock:
             self._script.extend(replies)
 
@@ -133,7 +138,8 @@ class FakeVela:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     async def _start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._authenticate])
+        app.router.add_get("/api/v1/user", self._current_user)
         app.router.add_post("/api/v1/repos/{org}/{repo}/builds", self._create_build)
         app.router.add_get("/api/v1/repos/{org}/{repo}/builds", self._list_builds)
         app.router.add_post("/api/v1/deployments/{org}/{repo}", self._create_deployment)
@@ -162,6 +168,20 @@ class FakeVela:
             self.requests.append(item)
         return item
 
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Vela authenticates every API request before anything else."""
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            await self._record(request)
+            return web.json_response({"error": "unauthorized"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _current_user(self, request: web.Request) -> web.Response:
+        """api-spec.json GetCurrentUser: the user the token belongs to."""
+        await self._record(request)
+        return web.json_response({"id": 1, "name": "vela-bridge", "active": True, "admin": False})
+
     def _next_reply(self, repo: str) -> Reply | None:
         with self._lock:
             if self._script:
@@ -169,9 +189,6 @@ class FakeVela:
             return self._default.get(repo) or self._default.get(None)
 
     async def _scripted(self, request: web.Request) -> web.Response | None:
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
-            await self._record(request)
-            return web.json_response({"error": "unauthorized"}, status=401)
         reply = self._next_reply(f"{request.match_info['org']}/{request.match_info['repo']}")
         if reply is None:
             return None
