@@ -6,7 +6,9 @@ into a :class:`~bridge.queue.Settlement` and settles it. Retry waits follow
 interface.md "Forwarding to Vela": the n-th retry waits
 ``min(max_backoff, initial × 2^(n−1))`` (tenacity's ``wait_exponential``) plus up to
 25 % jitter, or ``Retry-After`` up to max_backoff. 401/403 pause forwarding
-without consuming attempts; while paused, one job is tried every 30 s.
+without consuming attempts; while paused, the token is tried every 30 s, with one
+due job or, when none is due, with ``GET /api/v1/user``. Any answer that shows Vela
+took the token (a 2xx of Vela's, to whichever request) ends the pause.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class Forwarder:
         self._window_count = 0
         self._burst_until = 0.0
         self._next_probe = 0.0
+        self._token_check: asyncio.Task[None] | None = None
+        vela.on_authorized = self._resume
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch(), name="forwarder")
@@ -145,10 +149,11 @@ class Forwarder:
                 await self._sleep(_IDLE_POLL_SECONDS)
 
     async def _dispatch_once(self) -> None:
-        if self.paused_reason is not None:
+        probing = self.paused_reason is not None
+        if probing:
             # One job probes the token every probe_seconds; the rest wait. Wake-ups (new
             # deliveries, settled jobs) do not shorten the wait: it is a deadline.
-            if self._inflight:
+            if self._inflight or self._token_check is not None:
                 await self._wait_slot()
                 return
             wait = self._next_probe - time.monotonic()
@@ -171,11 +176,44 @@ class Forwarder:
             self._inflight[job.id] = task
             self._attempts.add(task)
             task.add_done_callback(self._attempts.discard)
+        if probing and not jobs and self.paused_reason is not None:
+            # A probe is due and no job is, to make it with: ask Vela about the token.
+            # (Only a probe: a pause that began during a claim made at full speed waits
+            # for its first probe like any other.)
+            self._start_token_check()
         if jobs or self.paused_reason is not None:
             return
         due = await self._queue.next_due()
         delay = _IDLE_POLL_SECONDS if due is None else max(0.0, due - time.time())
         await self._sleep(min(delay, _IDLE_POLL_SECONDS))
+
+    def _start_token_check(self) -> None:
+        task = asyncio.create_task(self._check_token(), name="token-check")
+        self._token_check = task
+        self._attempts.add(task)  # stop() waits for it, then cancels it
+        task.add_done_callback(self._attempts.discard)
+
+    async def _check_token(self) -> None:
+        """A probe with no job (one cancelled, or none left after the lookup that found its
+        build): a 2xx resumes, 401/403 keeps the pause, anything else tells nothing and
+        the next probe asks again."""
+        try:
+            await self._vela.check_token()
+        except Unauthorized as exc:
+            self._pause(exc.message)
+        except ForwardError as exc:
+            log.warning(
+                "token check inconclusive: %s; asking again in %g s",
+                exc.message,
+                self._probe_seconds,
+            )
+        except Exception:  # a bug: logged; the next probe asks again
+            log.exception("token check failed unexpectedly")
+        else:
+            self._resume()
+        finally:
+            self._token_check = None
+            self._slot_free.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -12,7 +12,7 @@ import datetime
 import email.utils
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -28,6 +28,9 @@ USER_AGENT = f"vela-bridge/{__version__}"
 _EXCERPT = 300
 # Seconds a Vela server's clock may run behind ours when comparing creation times.
 _CLOCK_SLACK = 5.0
+# The token's own user (api-spec.json, GetCurrentUser): a cheap authenticated GET that
+# needs no repository, to ask whether Vela takes the token.
+USER_PATH = "/api/v1/user"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,10 @@ class VelaClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
+        # Called on every answer that shows Vela took the token: a 2xx in JSON (Vela's
+        # own; a proxy's sign-in page is not one), whatever the request. The forwarder
+        # ends a pause on a refused token with it (interface.md "Forwarding to Vela").
+        self.on_authorized: Callable[[], None] | None = None
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=300)
@@ -260,6 +267,26 @@ class VelaClient:
                     return answer
         return None
 
+    async def check_token(self) -> None:
+        """Whether Vela takes the token, asked with no job at hand: ``GET /api/v1/user``.
+
+        Returns on a 2xx with a user; raises Unauthorized on 401/403, and another
+        ForwardError for any other answer or failure (it tells neither way).
+        """
+        status, text, retry_after = await self._request("GET", USER_PATH)
+        if 200 <= status < 300:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                if isinstance(orjson.loads(text), dict):
+                    return
+            raise Retryable(
+                f"Vela answered {status} without a user: {_excerpt(text) or 'an empty body'}",
+                status_code=status,
+            )
+        if status in (401, 403):
+            classify(status, text, retry_after)  # raises Unauthorized, with Vela's error
+        excerpt = _excerpt(text)
+        raise Retryable(f"Vela answered {status}: {excerpt}", status_code=status, body=excerpt)
+
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, str, str | None]:
         assert self._session is not None, "VelaClient.open() was not awaited"
         try:
@@ -269,6 +296,12 @@ class VelaClient:
                 text = await response.text(errors="replace")
                 if 300 <= response.status < 400:
                     raise _redirected(response.status, response.headers.get("Location", ""))
+                if (
+                    200 <= response.status < 300
+                    and response.content_type == "application/json"
+                    and self.on_authorized is not None
+                ):
+                    self.on_authorized()
                 return response.status, text, response.headers.get("Retry-After")
         except aiohttp.ClientConnectorError as exc:
             raise Retryable(f"cannot connect to Vela: {exc.os_error}", sent=False) from None

@@ -24,7 +24,7 @@ from bridge.queue import JobRecord, NewJob, open_queue
 from bridge.states import ACTIVE, JobState
 from bridge.vela import VelaClient
 from tests.fakes.vela import FakeVela, Reply
-from tests.support import Bridge, payload
+from tests.support import VELA_TOKEN, Bridge, payload
 from tests.test_queue import DAY, delivery
 
 PUSH = payload("hand.push.feature-branch.json")
@@ -238,6 +238,111 @@ def test_a_paused_bridge_probes_once_per_interval(make_bridge: Any, vela: FakeVe
     # The first attempts (before the pause takes hold) plus one probe a second.
     assert len(vela.posts()) <= 4 + elapsed, len(vela.posts())
     assert bridge.client.get("/readyz").status_code == 503
+
+
+def wait_ready(bridge: Bridge, status: int, timeout: float = 10.0) -> float:
+    """Poll /readyz until it answers ``status``; how long that took."""
+    started = time.monotonic()
+    while (code := bridge.client.get("/readyz").status_code) != status:
+        assert time.monotonic() - started < timeout, f"/readyz still {code}, not {status}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_pause_with_no_job_left_to_probe_ends_once_vela_takes_the_token(
+    make_bridge: Any, vela: FakeVela
+) -> None:
+    """The operator cancels the job that paused forwarding: with nothing due, each probe
+    asks Vela for the token's user. Refused, it stays paused; taken, it resumes within
+    a probe or two, and forwarding works again."""
+    bridge = make_bridge(vela={"auth_retry_seconds": 0.5})
+    vela.token = "rotated"  # the bridge's token no longer works
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    wait_ready(bridge, 503)
+    repo = bridge.delivery(guid)["repo"]
+    deadline = time.monotonic() + 10
+    while (cancel := bridge.api("DELETE", f"/api/repos/{repo}/logs/1/1")).status_code == 409:
+        assert time.monotonic() < deadline  # 409 while the job is being probed
+        time.sleep(0.05)
+    assert cancel.status_code == 200 and cancel.json()["status"] == "killed"
+    checked = len(vela.requests)
+    time.sleep(1.2)  # two probes, both refused
+    probes = [(r.method, r.path) for r in vela.requests[checked:]]
+    assert probes and set(probes) == {("GET", "/api/v1/user")}, probes
+    reason = bridge.client.get("/readyz").json()["reason"]
+    assert reason == "Vela refused the token: unauthorized"
+    vela.token = VELA_TOKEN  # renewed
+    assert wait_ready(bridge, 200) < 1.5  # the next probe (0.5 s) or the one after
+    later = str(uuid.uuid4())
+    bridge.send("push", push(), guid=later)
+    assert bridge.wait_status(later, "success")["jobs"][0]["vela_number"] is not None
+
+
+def test_a_job_refused_while_the_token_is_good_keeps_probing_once_per_interval(
+    tmp_path: Path, vela: FakeVela
+) -> None:
+    """A 403 on one repository (the token's user is not admin there) while the token
+    itself is good: the job stays the probe, once per interval. The token check is for a
+    probe with no job due only; a pause that begins while a claim made at full speed is
+    under way (here every claim takes 50 ms) does not ask it, resume at once, and loop
+    through 403s."""
+    vela.always(Reply(403, {"error": "user is not an admin of the repo"}))
+
+    async def main() -> tuple[float, str | None]:
+        queue = await open_queue(
+            f"sqlite:///{tmp_path / 'q.db'}", lease_seconds=60, retention_days=1
+        )
+        claim = queue.claim
+
+        async def slow_claim(limit: int, now: float) -> list[Any]:
+            await asyncio.sleep(0.05)
+            return await claim(limit, now)
+
+        queue.claim = slow_claim  # type: ignore[method-assign]
+        client = VelaClient(vela.url, Secret(vela.token), timeout=10, connections=4)
+        await client.open()
+        forwarder = Forwarder(queue, client, RetryConfig(), concurrency=4, probe_seconds=0.5)
+        try:
+            await queue.add(delivery("g"))
+            forwarder.start()
+            started = time.monotonic()
+            await asyncio.sleep(2.0)
+            await forwarder.stop(grace=1)
+            return time.monotonic() - started, forwarder.paused_reason
+        finally:
+            await client.close()
+            await queue.close()
+
+    elapsed, paused = asyncio.run(main())
+    assert paused == "Vela refused the token: user is not an admin of the repo"
+    assert [r.path for r in vela.requests if r.method == "GET"] == []
+    assert len(vela.posts()) <= 1 + elapsed / 0.5, len(vela.posts())
+
+
+def test_a_lookup_vela_answers_ends_the_pause(make_bridge: Any, vela: FakeVela) -> None:
+    """A job left unclear (its answer came too late) probes the token with its lookup:
+    once Vela answers it (and the build is found), forwarding resumes with it, not at
+    some later probe, and nothing is sent twice."""
+    bridge = make_bridge(
+        vela={"timeout_seconds": 0.5, "auth_retry_seconds": 1}, queue={"lease_seconds": 5}
+    )
+    vela.script(Reply(create=True, delay=1.5))  # Vela creates the build, answers too late
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    vela.wait_for_posts(1)
+    vela.token = "rotated"  # expires before the lookup
+    wait_ready(bridge, 503)
+    vela.token = VELA_TOKEN
+    bridge.wait_status(guid, "success")
+    # At once: the job probed with its lookup, so no probe is due for a second (and none
+    # would find a job to try: the token check would be the only way back).
+    assert bridge.client.get("/readyz").status_code == 200
+    assert len(vela.posts()) == 1
+    assert not [r for r in vela.requests if r.path == "/api/v1/user"]
+    later = str(uuid.uuid4())
+    bridge.send("push", push(), guid=later)
+    bridge.wait_status(later, "success")
 
 
 def test_stop_ends_an_attempt_whose_lease_was_retaken(tmp_path: Path, vela: FakeVela) -> None:

@@ -411,6 +411,43 @@ def test_a_wrong_token_is_unauthorized(vela: FakeVela) -> None:
     assert caught.value.status_code == 401
 
 
+def test_check_token_asks_vela_for_the_tokens_user(vela: FakeVela) -> None:
+    """What a paused forwarder asks when it has no job to try the token with."""
+    assert with_client(vela, lambda c: c.check_token()) is None  # taken
+    with pytest.raises(Unauthorized) as refused:
+        with_client(vela, lambda c: c.check_token(), token="expired")
+    assert refused.value.status_code == 401
+    assert [(r.method, r.path) for r in vela.requests] == [("GET", "/api/v1/user")] * 2
+    vela.go_down()
+    with pytest.raises(Retryable):  # tells neither way
+        with_client(vela, lambda c: c.check_token())
+
+
+def test_every_json_2xx_of_vela_says_the_token_was_taken(vela: FakeVela) -> None:
+    """on_authorized (which ends a pause) follows every 2xx of Vela's, lookups included,
+    and no other answer."""
+    vela.script(Reply(503, {"error": "busy"}))
+    raw = json.dumps(request_body()).encode()
+    seen: list[str] = []
+
+    async def use(client: VelaClient) -> None:
+        client.on_authorized = lambda: seen.append("taken")
+        with pytest.raises(Retryable):
+            await client.send(PATH, raw, "g1")  # 503
+        assert seen == []
+        await client.send(PATH, raw, "g2")  # 201
+        await client.find_build("octo-org", "web.app", request_body())  # 200
+        assert not await client.deployment_exists("octo-org", "web.app", 1)  # 404
+        await client.check_token()  # 200
+        assert seen == ["taken"] * 3
+        vela.token = "rotated"
+        with pytest.raises(Unauthorized):
+            await client.find_build("octo-org", "web.app", request_body())
+        assert seen == ["taken"] * 3
+
+    with_client(vela, use)
+
+
 def test_a_scripted_503_with_retry_after_is_retryable(vela: FakeVela) -> None:
     vela.script(Reply(503, {"error": "maintenance"}, headers={"Retry-After": "45"}))
     with pytest.raises(Retryable) as caught:
