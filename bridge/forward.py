@@ -376,10 +376,18 @@ class Forwarder:
         attempts = job.attempts + 1
         first = job.first_attempt_at or started
         unclear = job.unclear or exc.sent
-        if attempts >= self._retry.max_attempts or now - first >= self._retry.max_age_seconds:
+        if attempts >= self._retry.max_attempts:
             why = f"gave up after {attempts} attempts: {exc.message}"
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
         wait = self._backoff.wait(attempts, exc.retry_after)
+        # retry.max_age_seconds bounds when attempts are made: a retry that would come at
+        # or after it is not made (it could make a build up to max_backoff late).
+        if now + wait >= first + self._retry.max_age_seconds:
+            why = (
+                f"gave up after {attempts} attempts / {self._retry.max_age_seconds:g} s:"
+                f" {exc.message}"
+            )
+            return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
         return Settlement(
             JobState.RETRYING,
             attempt,

@@ -139,6 +139,29 @@ def test_retries_stop_after_max_age(make_bridge: Any, vela: FakeVela) -> None:
     assert time.time() - start < 5
 
 
+def test_no_retry_is_sent_past_max_age(make_bridge: Any, vela: FakeVela) -> None:
+    """retry.max_age_seconds bounds when attempts are sent, not only when one fails: a
+    retry due 3 s after the first attempt, with a max age of 1 s, is not sent (it could
+    create a build up to max_backoff late); the job fails when that retry is known."""
+    bridge = make_bridge(
+        retry={
+            "max_age_seconds": 1.0,
+            "max_attempts": 25,
+            "initial_backoff_seconds": 3.0,
+            "max_backoff_seconds": 3.0,
+        }
+    )
+    vela.script(Reply(503, {"error": "busy"}))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    stored = bridge.wait_status(guid, "failure")
+    [post] = vela.posts()
+    # Settled with the failed attempt, not at or after the max age.
+    assert stored["jobs"][0]["finished_at"] - post.at < 1.0
+    assert stored["error"] == "gave up after 1 attempts / 1 s: Vela answered 503: busy"
+    assert stored["jobs"][0]["attempts"] == 1
+
+
 def test_time_paused_on_a_refused_token_does_not_count_towards_max_age(
     make_bridge: Any, vela: FakeVela
 ) -> None:
