@@ -8,7 +8,9 @@ interface.md "Forwarding to Vela": the n-th retry waits
 25 % jitter, or ``Retry-After`` up to max_backoff. 401/403 pause forwarding
 without consuming attempts; while paused, the token is tried every 30 s, with one
 due job or, when none is due, with ``GET /api/v1/user``. Any answer that shows Vela
-took the token (a 2xx of Vela's, to whichever request) ends the pause.
+took the token (a 2xx of Vela's, to whichever request) ends the pause. Time paused
+is no part of a job's age (retry.max_age_seconds), and an attempt is made only
+before that age: a retry that would come later fails the job at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +37,9 @@ from bridge.vela import Accepted, VelaClient, builds_path
 log = logging.getLogger("bridge.forward")
 
 PAUSE_PROBE_SECONDS = 30.0
+# The latest pauses kept to take out of jobs' ages: pauses are rare (a token expires), and
+# a token that flaps must not grow the list without end.
+_PAUSES_KEPT = 256
 _IDLE_POLL_SECONDS = 1.0
 # A burst: at least _BURST_DELIVERIES queued within _BURST_WINDOW seconds (200/s). While one
 # lasts, forwarding runs at _BURST_CONCURRENCY so the event loop answers GitHub first
@@ -97,6 +103,8 @@ class Forwarder:
         self._attempts: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self.paused_reason: str | None = None
+        self._paused_at = 0.0  # wall time the current pause began
+        self._pauses: deque[tuple[float, float]] = deque(maxlen=_PAUSES_KEPT)  # ended ones
         self._task: asyncio.Task[None] | None = None
         self._on_settled = on_settled
         self._window_start = 0.0
@@ -359,12 +367,19 @@ class Forwarder:
     ) -> Settlement:
         attempt = Attempt(started, took, exc.status_code, exc.message, exc.body)
         now = time.time()
+        # interface.md: a 401/403 fails nothing. The time forwarding was paused since the
+        # job's previous attempt (whether it probed the token or waited) is no part of its
+        # age: its first attempt moves forward by it.
+        paused = 0.0
+        if job.first_attempt_at is not None and job.last_attempt_at is not None:
+            paused = self._paused_between(job.last_attempt_at, now)
         if isinstance(exc, Unauthorized):
             self._pause(exc.message)
             return Settlement(
                 JobState.RETRYING,
                 attempt,
                 consumed=False,
+                paused=paused,
                 next_attempt_at=now,
                 error=exc.message,
                 unclear=job.unclear,
@@ -374,7 +389,7 @@ class Forwarder:
             return Settlement(JobState.FAILURE, attempt, error=exc.message)
         assert isinstance(exc, Retryable)
         attempts = job.attempts + 1
-        first = job.first_attempt_at or started
+        first = started if job.first_attempt_at is None else job.first_attempt_at + paused
         unclear = job.unclear or exc.sent
         if attempts >= self._retry.max_attempts:
             why = f"gave up after {attempts} attempts: {exc.message}"
@@ -391,6 +406,7 @@ class Forwarder:
         return Settlement(
             JobState.RETRYING,
             attempt,
+            paused=paused,
             next_attempt_at=now + wait,
             error=exc.message,
             unclear=unclear,
@@ -400,6 +416,7 @@ class Forwarder:
         metrics.FORWARDING_PAUSED.set(1)
         self._next_probe = time.monotonic() + self._probe_seconds
         if self.paused_reason is None:
+            self._paused_at = time.time()
             log.warning(
                 "forwarding paused: %s; trying again every %.0f s", reason, self._probe_seconds
             )
@@ -407,10 +424,19 @@ class Forwarder:
 
     def _resume(self) -> None:
         if self.paused_reason is not None:
+            self._pauses.append((self._paused_at, time.time()))
             metrics.FORWARDING_PAUSED.set(0)
             log.warning("forwarding resumed: Vela accepts the token again")
             self.paused_reason = None
             self._wake.set()
+
+    def _paused_between(self, since: float, until: float) -> float:
+        """Seconds of [since, until] (wall time) that forwarding was paused, as far as this
+        process knows: a pause before a restart, or another replica's, is not known."""
+        spans = [*self._pauses]
+        if self.paused_reason is not None:
+            spans.append((self._paused_at, until))
+        return sum(max(0.0, min(end, until) - max(start, since)) for start, end in spans)
 
     def _log(self, job: ClaimedJob, s: Settlement, endpoint: str) -> None:
         a = s.attempt

@@ -181,6 +181,69 @@ def test_time_paused_on_a_refused_token_does_not_count_towards_max_age(
     assert stored["jobs"][0]["attempts"] == 2  # the 503 and the success; no 401 counted
 
 
+def test_a_pause_after_a_transient_error_does_not_age_the_job(
+    make_bridge: Any, vela: FakeVela
+) -> None:
+    """A job that failed once (503), then probed the token through a pause longer than
+    retry.max_age_seconds, is retried on its first transient error after the pause: the
+    pause is no part of its age (it used to fail: "gave up after 2 attempts")."""
+    bridge = make_bridge(
+        vela={"auth_retry_seconds": 0.3},
+        retry={
+            "max_age_seconds": 1.5,
+            "max_attempts": 10,
+            "initial_backoff_seconds": 0.2,
+            "max_backoff_seconds": 0.2,
+        },
+    )
+    vela.script(Reply(503, {"error": "busy"}))  # attempt 1: transient, consumed
+    vela.always(Reply(401, {"error": "token expired"}))  # then the token expires
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    time.sleep(2.0)  # paused longer than max_age
+    stored = bridge.delivery(guid)
+    assert (stored["status"], stored["jobs"][0]["attempts"]) == ("running", 1)
+    assert len(vela.posts()) >= 4  # the 503, then probes
+    vela.script(Reply(503, {"error": "busy"}))  # the next probe: taken, but busy
+    vela.always(None)
+    stored = bridge.wait_status(guid, "success")
+    assert stored["jobs"][0]["attempts"] == 3  # 503, 503, 201
+
+
+def test_a_job_that_waited_out_a_pause_is_not_aged_by_it(make_bridge: Any, vela: FakeVela) -> None:
+    """Not only the job that probes the token: one that waited (its retry was not due
+    during the pause) has the pause taken out of its age too. Its second 503 asks for
+    1.6 s more, 5.6 s after its first attempt: past the 5.5 s max age, unless the ~2.5 s
+    paused meanwhile are taken out. (Without that, it failed then, or at the attempt
+    after.)"""
+    bridge = make_bridge(
+        vela={"auth_retry_seconds": 0.3},
+        retry={"max_age_seconds": 5.5, "initial_backoff_seconds": 0.1, "max_backoff_seconds": 5},
+    )
+    slow = f"{PUSH['repository']['owner']['login']}/slow"
+    vela.always(Reply(503, {"error": "busy"}, headers={"Retry-After": "4"}), repo=slow)
+    waiting = str(uuid.uuid4())
+    bridge.send("push", push(repo="slow"), guid=waiting)
+    [first] = vela.wait_for_posts(1)
+    vela.token = "rotated"  # the token expires; another delivery finds out
+    probing = str(uuid.uuid4())
+    bridge.send("push", push(), guid=probing)
+    wait_ready(bridge, 503)
+    vela.always(None, repo=slow)
+    vela.script(  # for the POSTs the renewed token lets through, in order
+        Reply(201, {"number": 7}),  # the probing job's
+        Reply(503, {"error": "busy"}, headers={"Retry-After": "1.6"}),  # the waiting job's
+        Reply(503, {"error": "busy"}),
+    )
+    time.sleep(max(0.0, first.at + 2.5 - time.time()))
+    vela.token = VELA_TOKEN  # renewed: the probing job goes through, forwarding resumes
+    bridge.wait_status(probing, "success")
+    assert [p.path.endswith("/slow/builds") for p in vela.posts()].count(True) == 1  # waited
+    stored = bridge.wait_status(waiting, "success")
+    assert stored["jobs"][0]["attempts"] == 4  # 503, 503, 503, 201
+    assert vela.posts()[-1].at - first.at > 5.5
+
+
 def test_vela_skips_are_skipped(bridge: Bridge, vela: FakeVela) -> None:
     vela.script(
         Reply(200, "no steps to run for this event"),

@@ -297,6 +297,45 @@ def test_a_claim_says_when_the_jobs_run_was_first_claimed(url: str) -> None:
     assert run(main, url) == [t + 1, t + 1, t + 5]
 
 
+def test_time_paused_moves_a_jobs_first_attempt_forward(url: str) -> None:
+    """retry.max_age counts from first_attempt_at; a settlement moves it forward by the
+    time forwarding was paused since the job's previous attempt, which the claim gives
+    (when it ended). Nothing moves before the first consumed attempt."""
+
+    t = time.time()
+
+    def retrying(at: float, status: int, **fields: Any) -> Settlement:
+        attempt = Attempt(at, 0.5, status, "", "")
+        return Settlement(JobState.RETRYING, attempt, next_attempt_at=at + 1, **fields)
+
+    def since_t(at: float | None) -> float | None:
+        return None if at is None else round(at - t, 6)
+
+    async def main(q: Queue) -> list[tuple[int, float | None, float | None]]:
+        await q.add(delivery("g", at=t))
+        seen = []
+        steps = [
+            retrying(t, 401, consumed=False, paused=7.0),  # not yet begun: nothing moves
+            retrying(t + 1, 503),  # the first consumed attempt
+            retrying(t + 2, 401, consumed=False, paused=30.0),  # a probe, 30 s paused
+            retrying(t + 40, 503, paused=5.0),  # waited, 5 s of it paused
+        ]
+        for n, settlement in enumerate(steps):
+            [job] = await q.claim(10, t + 50 * n)
+            seen.append((job.attempts, since_t(job.first_attempt_at), since_t(job.last_attempt_at)))
+            assert await q.settle(job.id, settlement, t + 50 * n, claim=job.claim)
+        [job] = await q.claim(10, t + 500)
+        return [*seen, (job.attempts, since_t(job.first_attempt_at), since_t(job.last_attempt_at))]
+
+    assert run(main, url) == [
+        (0, None, None),
+        (0, None, 0.5),
+        (1, 1, 1.5),
+        (1, 31, 2.5),
+        (2, 36, 40.5),
+    ]
+
+
 def test_a_delivery_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     """SQLite: one bad row makes the bulk insert fail; the batch is run again item by item."""
     bad = dataclasses.replace(delivery("bad"), payload=object())  # SQLite cannot bind it

@@ -68,6 +68,9 @@ class ClaimedJob:
     # When this run of the job (since it was queued or restarted) was first claimed:
     # nothing an earlier attempt of the run sent to Vela is older.
     first_claimed_at: float | None = None
+    # When the job's latest logged attempt ended: the time paused since then is not part
+    # of its age (Settlement.paused).
+    last_attempt_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,9 @@ class Settlement:
     state: JobState  # SUCCESS, SKIPPED, FAILURE or RETRYING
     attempt: Attempt | None  # None when nothing was sent (the build was found in Vela)
     consumed: bool = True  # whether this attempt counts against retry.max_attempts
+    # Seconds since the job's previous attempt that forwarding was paused on a refused
+    # token: first_attempt_at moves forward by them, so retry.max_age does not count them.
+    paused: float = 0.0
     next_attempt_at: float = 0.0
     error: str = ""
     unclear: bool = False

@@ -188,7 +188,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
             continue
         finished = s.state in FINISHED
         updates.append((
-            s.state, int(s.consumed), a.started_at if a and s.consumed else None,
+            s.state, int(s.consumed), s.paused, a.started_at if a and s.consumed else None,
             s.next_attempt_at or item.now,
             s.unclear, a.http_status if a else None, clean(s.error), s.vela_number,
             clean(s.vela_link),
@@ -207,7 +207,7 @@ async def settle_many(conn: Conn, batch: Sequence[SettleItem]) -> list[Exception
         async with conn.cursor() as cur:
             await cur.executemany(
                 "UPDATE jobs SET state = %s, attempts = attempts + %s, lease_until = NULL,"
-                " claim_token = NULL, first_attempt_at = COALESCE(first_attempt_at, %s),"
+                " claim_token = NULL, first_attempt_at = COALESCE(first_attempt_at + %s, %s),"
                 " next_attempt_at = %s, unclear = %s, exit_code = COALESCE(%s, exit_code),"
                 " error = %s, vela_number = COALESCE(%s, vela_number), vela_link = %s,"
                 " finished_at = %s, head = head AND %s WHERE id = %s",

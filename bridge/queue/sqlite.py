@@ -132,11 +132,13 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
 """
 
-# Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog.
+# Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog;
+# with when each one's latest attempt ended, through the index attempts_job.
 CLAIM_SQL = (
     "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
     " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, b.fallback,"
-    " j.started_at"
+    " j.started_at,"
+    " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id)"
     " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
     " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
     " ORDER BY j.next_attempt_at LIMIT ?"
@@ -146,7 +148,8 @@ CLAIM_SQL = (
 EXPIRED_SQL = (
     "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
     " j.first_attempt_at, 1, d.github_event, d.action, j.delivery_id, b.fallback,"
-    " j.started_at"
+    " j.started_at,"
+    " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id)"
     " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
     " WHERE j.state = 'running' AND j.lease_until < ? LIMIT ?"
 )
@@ -540,6 +543,7 @@ def _claim(
                 fallback=row[14],
                 claim=number,
                 first_claimed_at=now if row[15] is None else row[15],
+                last_attempt_at=row[16],
             )
         )
     return claimed
@@ -557,12 +561,13 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
     a = s.attempt
     conn.execute(
         "UPDATE jobs SET state = ?, attempts = attempts + ?, lease_until = NULL,"
-        " first_attempt_at = COALESCE(first_attempt_at, ?), next_attempt_at = ?, unclear = ?,"
-        " exit_code = COALESCE(?, exit_code), error = ?,"
+        " first_attempt_at = COALESCE(first_attempt_at + ?, ?), next_attempt_at = ?,"
+        " unclear = ?, exit_code = COALESCE(?, exit_code), error = ?,"
         " vela_number = COALESCE(?, vela_number), vela_link = ?, finished_at = ? WHERE id = ?",
         (
             s.state,
             int(s.consumed),
+            s.paused,  # not part of the job's age
             a.started_at if a and s.consumed else None,  # retry.max_age counts from it
             s.next_attempt_at or now,
             int(s.unclear),
