@@ -1368,9 +1368,11 @@ def test_an_outcome_from_a_claim_whose_lease_was_retaken_is_only_logged(
     assert sorted(a.http_status or 0 for a in attempts) == [201, 422]  # both are logged
 
 
-def test_an_outcome_settled_while_its_job_is_being_retaken_is_only_logged(url: str) -> None:
-    """The retaking claim is already on its way to the queue when the old claim's worker
-    settles: the outcome must not be recorded over the claim about to hold the job."""
+def test_an_outcome_settled_while_its_job_is_being_retaken_is_only_logged(tmp_path: Path) -> None:
+    """SQLite: the retaking claim is already queued for the writer when the old claim's
+    worker settles: the outcome must not be recorded over the claim about to hold the
+    job. (PostgreSQL checks the claim in the same statement that settles, and which of
+    the two transactions commits first is the server's to decide: either order holds.)"""
 
     async def main(q: Queue) -> tuple[list[ClaimedJob], bool, JobRecord]:
         await q.add(delivery("g"))
@@ -1383,7 +1385,7 @@ def test_an_outcome_settled_while_its_job_is_being_retaken_is_only_logged(url: s
         job, _ = await q.job_log("Octo/App", 1, 1)
         return live, recorded, job
 
-    live, recorded, job = run(main, url, lease=0.5)
+    live, recorded, job = run(main, f"sqlite:///{tmp_path / 'q.db'}", lease=0.5)
     assert [j.guid for j in live] == ["g"] and live[0].unclear
     assert recorded is False
     assert job.state is JobState.RUNNING  # the live claim's, not the stale success
