@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 
 from bridge.config import RetryConfig, Secret
 from bridge.forward import Forwarder
-from bridge.queue import JobRecord, NewJob, open_queue
+from bridge.queue import Attempt, JobRecord, NewJob, Queue, open_queue
 from bridge.states import ACTIVE, JobState
 from bridge.vela import VelaClient
 from tests.fakes.vela import FakeVela, Reply
@@ -483,12 +484,7 @@ def test_an_attempt_ends_before_its_lease_so_a_job_is_never_in_flight_twice(
         try:
             await queue.add(delivery("g"))
             forwarder.start()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                job, attempts = await queue.job_log("Octo/App", 1, 1)
-                if job.state is JobState.SUCCESS:
-                    break
-                await asyncio.sleep(0.05)
+            await job_reaches(queue, lambda job: job.state is JobState.SUCCESS)
             await forwarder.stop(grace=5)
             job, attempts = await queue.job_log("Octo/App", 1, 1)
             return job.state, attempts
@@ -504,6 +500,19 @@ def test_an_attempt_ends_before_its_lease_so_a_job_is_never_in_flight_twice(
     assert first.error == "the attempt did not end within 1.35 s of its claim"
     assert first.duration < 1.5
     assert later and later[-1].http_status == 201
+
+
+async def job_reaches(
+    queue: Queue, done: Callable[[JobRecord], bool], timeout: float = 10.0
+) -> tuple[JobRecord, list[Attempt]]:
+    """The first job of Octo/App #1 and its attempts once ``done`` holds of it, or as they
+    are after ``timeout`` s (the caller's assertions then say what went wrong)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job, attempts = await queue.job_log("Octo/App", 1, 1)
+        if done(job) or time.monotonic() > deadline:
+            return job, attempts
+        await asyncio.sleep(0.05)
 
 
 def _forward_after_a_slow_claim(
@@ -541,12 +550,7 @@ def _forward_after_a_slow_claim(
             locker.start()
             assert await asyncio.to_thread(locked.wait, 5)
             forwarder.start()  # claims at once, and then waits for the lock
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                found, _ = await queue.job_log("Octo/App", 1, 1)
-                if found.state is JobState.SUCCESS:
-                    break
-                await asyncio.sleep(0.05)
+            await job_reaches(queue, lambda job: job.state is JobState.SUCCESS)
             await forwarder.stop(grace=5)
             return await queue.job_log("Octo/App", 1, 1)
         finally:
@@ -625,12 +629,7 @@ def test_after_a_crash_the_lookup_ignores_an_older_deployment_of_the_same_ref(
         forwarder = Forwarder(queue, client, RetryConfig(), concurrency=4)
         try:
             forwarder.start()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                found, _ = await queue.job_log("Octo/App", 1, 1)
-                if found.state not in ACTIVE:
-                    break
-                await asyncio.sleep(0.05)
+            found, _ = await job_reaches(queue, lambda job: job.state not in ACTIVE)
             await forwarder.stop(grace=5)
             return found.state, found.vela_number
         finally:
