@@ -445,12 +445,14 @@ def _hooks(g: _Section) -> tuple[GitHubHook, ...]:
 
 
 # The keys the credential checks combine: while one of them has a problem of its own, those
-# checks would only repeat it in other words ("app_id: needs a private key").
+# checks would only repeat it in other words ("app_id: needs a private key"), or judge the
+# default left in its place ("redeliver: needs [[github.hooks]]" for hooks that are there).
 _CREDENTIAL_KEYS = (
     "github.app_id",
     "github.private_key",
     "github.private_key_file",
     "github.token",
+    "github.hooks",
 )
 
 
@@ -459,6 +461,6 @@ def _credential_problems(github: GitHubConfig, found: list[str]) -> list[str]:
     file, the key's format, which keys go together)."""
     from bridge.github import problems  # here: bridge.github imports this module
 
-    if any(line.split(":", 1)[0] in _CREDENTIAL_KEYS for line in found):
+    if any(line.split(":", 1)[0].split("[", 1)[0] in _CREDENTIAL_KEYS for line in found):
         return []
     return problems(github)

@@ -572,6 +572,22 @@ def test_credential_problems_come_with_the_others(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "hooks",
+    ['hooks = "octo-org/web.app"', '[[github.hooks]]\nrepo = "octo-org/web.app"'],
+    ids=["not-a-table", "no-hook-id"],
+)
+def test_a_bad_hook_is_one_problem_not_a_credential_one_too(tmp_path: Path, hooks: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[github]\nwebhook_secrets = ["s"]\ntoken = "t"\nredeliver = true\n{hooks}\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path, {"VELA_TOKEN": "t"})
+    assert [p.split(":")[0] for p in caught.value.problems] in (
+        ["github.hooks"],
+        ["github.hooks[0].hook_id"],
+    )
+
+
 def test_a_credential_key_with_a_problem_is_not_reported_again(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(

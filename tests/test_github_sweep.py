@@ -294,6 +294,36 @@ def test_the_bound_spans_the_hooks_of_a_sweep_refused_requests_included(tmp_path
         server.stop()
 
 
+def test_a_delivery_one_hook_cannot_redeliver_is_still_asked_of_another_hook(
+    tmp_path: Path,
+) -> None:
+    """The same event reached a repository's hook and its organisation's, and both failed:
+    one GUID, two deliveries. GitHub refusing one hook's does not make the event lost."""
+    server = FakeGitHub(public_key=app_key()[1]).start()
+    try:
+        guid = "6f1c0a4e-0000-4000-8000-000000000001"
+        mine = server.add_delivery(
+            PUSH, status_code=0, guid=guid, hook=repo_hook("octo-org/web.app", 11)
+        )
+        org = server.add_delivery(PUSH, status_code=0, guid=guid, hook=org_hook("octo-org", 12))
+        server.fail_next(Failure(422, path=f"/{mine.id}/attempts", count=1_000))
+
+        async def main(make: Callable[..., Sweeper], queue: Queue) -> list[Any]:
+            sweeper = make()
+            return [await sweeper.sweep(), await sweeper.sweep()]
+
+        first, second = sweeping(tmp_path, two_hooks_config(server), main)
+        asked = _attempt_requests(server)
+    finally:
+        server.stop()
+    assert (first.requested, first.refused) == ((guid,), 1)  # the org hook's, asked for
+    assert (second.requested, second.refused) == ((), 0)  # nor is the refused one again
+    assert asked == [
+        f"/repos/octo-org/web.app/hooks/11/deliveries/{mine.id}/attempts",
+        f"/orgs/octo-org/hooks/12/deliveries/{org.id}/attempts",
+    ]
+
+
 def _primary(seconds: int) -> Failure:
     """GitHub's primary rate limit: nothing remaining until X-RateLimit-Reset."""
     return Failure(

@@ -86,7 +86,7 @@ def failed(attempts: Iterable[DeliveryAttempt]) -> list[DeliveryAttempt]:
 class SweepReport:
     result: str  # "ok", "error", "rate_limited" or "standby"
     requested: tuple[str, ...]  # GUIDs GitHub was asked to redeliver (and accepted)
-    left: int  # candidates not looked at because the sweep's bound was reached
+    left: int  # candidates left for the next sweep: by the bound, or by an error
     next_in: float  # seconds until the next sweep
     refused: int = 0  # redelivery requests GitHub refused (not rate limits: those end it)
 
@@ -116,9 +116,10 @@ class Sweeper:
             self._hooks.extend((Hook.configured(h), auth.token) for h in config.hooks)
         self._task: asyncio.Task[None] | None = None
         self._leading = False
-        # GUIDs GitHub would not redeliver (_UNREDELIVERABLE) → when they were delivered,
-        # to forget them once they are past the lookback.
-        self._unredeliverable: dict[str, float] = {}
+        # (hook, GUID) GitHub would not redeliver (_UNREDELIVERABLE) → when it was delivered,
+        # to forget it once past the lookback. Per hook: the same GUID reaches every hook
+        # of the event, each with a delivery of its own that GitHub may still redeliver.
+        self._unredeliverable: dict[tuple[str, str], float] = {}
 
     def start(self, first_delay: float) -> None:
         self._task = asyncio.create_task(self._run(first_delay), name="github-sweep")
@@ -203,10 +204,11 @@ class Sweeper:
         """
         since = now - self._lookback
         attempts = [a async for a in self._client.deliveries(hook, credential, since)]
-        for guid, delivered_at in list(self._unredeliverable.items()):
+        for key, delivered_at in list(self._unredeliverable.items()):
             if delivered_at < since:
-                del self._unredeliverable[guid]
-        candidates = [a for a in failed(attempts) if a.guid not in self._unredeliverable]
+                del self._unredeliverable[key]
+        refused_here = {guid for label, guid in self._unredeliverable if label == hook.label}
+        candidates = [a for a in failed(attempts) if a.guid not in refused_here]
         asked: list[str] = []
         refused = 0
         for index, attempt in enumerate(candidates):
@@ -234,7 +236,7 @@ class Sweeper:
                         exc.message,
                         extra=fields,
                     )
-                    self._unredeliverable[attempt.guid] = attempt.delivered_at
+                    self._unredeliverable[hook.label, attempt.guid] = attempt.delivered_at
                     continue
                 left = len(candidates) - index
                 log.warning(
