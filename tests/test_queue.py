@@ -5,6 +5,7 @@ dedupe, numbering, lanes, claims, group commit, retention; then what each does i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import sqlite3
@@ -1389,6 +1390,56 @@ def test_an_outcome_settled_while_its_job_is_being_retaken_is_only_logged(tmp_pa
     assert [j.guid for j in live] == ["g"] and live[0].unclear
     assert recorded is False
     assert job.state is JobState.RUNNING  # the live claim's, not the stale success
+
+
+def test_a_settle_and_a_retaking_claim_in_a_batch_run_again_both_hold(tmp_path: Path) -> None:
+    """SQLite: a settlement and a claim that takes the job again share a writer batch, and
+    another call of the batch fails, so the batch is rolled back and run again call by
+    call. The rerun must find what the first run wrote undone, claims included: the
+    outcome is recorded and the same claim takes the job again."""
+
+    async def main(q: Any) -> tuple[Any, Any, Any, JobRecord]:
+        await q.add(delivery("g"))
+        t = time.time()
+        [job] = await q.claim(10, t)
+        retry_now = Settlement(
+            JobState.RETRYING, Attempt(t, 0.1, 429, "busy", ""), next_attempt_at=t + 0.2
+        )
+        broken = dataclasses.replace(delivery("bad"), payload=object())  # cannot be stored
+        recorded, retaken, failed = await asyncio.gather(
+            q.settle(job.id, retry_now, t + 0.2, claim=job.claim),
+            q.claim(10, t + 0.3),
+            q.add(broken),
+            return_exceptions=True,
+        )
+        stored, _ = await q.job_log("Octo/App", 1, 1)
+        return recorded, retaken, failed, stored
+
+    recorded, retaken, failed, stored = run(main, f"sqlite:///{tmp_path / 'q.db'}")
+    assert isinstance(failed, Exception)  # the call that made the batch run again
+    assert recorded is True
+    assert [j.guid for j in retaken] == ["g"]
+    assert stored.state is JobState.RUNNING and stored.attempts == 1
+
+
+def test_a_sqlite_file_from_before_claims_were_stored_opens_and_forwards(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+
+    async def queue_one(q: Any) -> None:
+        await q.add(delivery("g"))
+
+    run(queue_one, url)
+    with contextlib.closing(sqlite3.connect(tmp_path / "q.db")) as conn:
+        conn.execute("ALTER TABLE jobs DROP COLUMN claim")  # as an older bridge made it
+
+    async def forward(q: Any) -> JobRecord:
+        [job] = await q.claim(10, time.time())
+        assert await q.settle(job.id, success(time.time()), time.time(), claim=job.claim)
+        return (await q.job_log("Octo/App", 1, 1))[0]
+
+    assert run(forward, url).state is JobState.SUCCESS
 
 
 def test_an_expired_claim_is_taken_again_as_unclear(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     first_attempt_at REAL,
     next_attempt_at REAL NOT NULL,
     lease_until REAL,
+    claim INTEGER,
     unclear INTEGER NOT NULL DEFAULT 0,
     exit_code INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
@@ -162,9 +163,8 @@ class SQLiteQueue:
         self._lock = lock
         self._lease = lease_seconds
         self._retention = retention_days * 86_400
-        # job id → its live claim. One process owns the file, so the claims live here;
-        # a job whose lease ran out is claimed again with a new number.
-        self._claims: dict[int, int] = {}
+        # Each claim's number (jobs.claim): a job whose lease ran out is claimed again with
+        # a new one. One process owns the file, so numbering per process is enough.
         self._claim_numbers = itertools.count(1)
 
     @classmethod
@@ -193,32 +193,29 @@ class SQLiteQueue:
         added: Added = await self._writer.add(delivery)  # the bulk call: _add_many
         return added
 
-    # Claims are noted and checked inside the writer's calls, in the order the writes run:
-    # a check made when settle() is called could pass for a claim that a claim already
-    # queued (or just written, not yet returned) is about to take over. A call may run
-    # twice (its batch again, call by call), so these only note and compare.
+    # A claim's number is written in its jobs' rows (jobs.claim) and a settlement compares
+    # it there, in the transaction that records it: a check made when settle() is called
+    # could pass for a claim that another, already queued (or written and not yet
+    # returned), is about to take over; and a note kept in memory would survive a batch
+    # that the writer rolls back and runs again.
 
     async def claim(self, limit: int, now: float) -> list[ClaimedJob]:
         number = next(self._claim_numbers)
         lease = now + self._lease
-
-        def op(conn: sqlite3.Connection) -> list[ClaimedJob]:
-            jobs = _claim(conn, limit, now, lease, number)
-            self._claims.update((job.id, number) for job in jobs)
-            return jobs
-
-        return await self._writer.run(op)
+        return await self._writer.run(lambda conn: _claim(conn, limit, now, lease, number))
 
     async def settle(
         self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
     ) -> bool:
         def op(conn: sqlite3.Connection) -> tuple[bool, bool]:
             """Whether the outcome was recorded, and whether the claim had been retaken."""
-            if claim is not None and claim != self._claims.get(job_id):
-                # Its lease ran out and the job was claimed again: only the attempt is kept.
-                if settlement.attempt is not None:
-                    _log_attempt(conn, job_id, settlement.attempt)
-                return False, True
+            if claim is not None:
+                row = conn.execute("SELECT claim FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None and row[0] != claim:
+                    # Its lease ran out and the job was claimed again: only the attempt is kept.
+                    if settlement.attempt is not None:
+                        _log_attempt(conn, job_id, settlement.attempt)
+                    return False, True
             return _settle(conn, job_id, settlement, now), False
 
         recorded, retaken = await self._writer.run(op)
@@ -228,13 +225,9 @@ class SQLiteQueue:
                 job_id,
                 settlement.state,
             )
-        elif claim is None or self._claims.get(job_id) == claim:  # not a claim made since
-            self._claims.pop(job_id, None)
         return recorded
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
-        for job_id in job_ids:
-            self._claims.pop(job_id, None)
         await self._writer.run(lambda conn: _release(conn, job_ids, now))
 
     async def next_due(self) -> float | None:
@@ -395,6 +388,9 @@ def _connect(file: Path) -> sqlite3.Connection:
     # Durability: the writer syncs the WAL after each batch (bridge.queue._writer).
     conn.execute("PRAGMA busy_timeout = 2000")  # on the event loop: wait little for a lock
     conn.executescript(_SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "claim" not in columns:  # a file from before claims were written in the rows
+        conn.execute("ALTER TABLE jobs ADD COLUMN claim INTEGER")
     return conn
 
 
@@ -511,9 +507,9 @@ def _claim(
     if not rows:
         return []
     conn.executemany(
-        "UPDATE jobs SET state = 'running', lease_until = ?, unclear = ?,"
+        "UPDATE jobs SET state = 'running', lease_until = ?, claim = ?, unclear = ?,"
         " started_at = COALESCE(started_at, ?) WHERE id = ?",
-        [(lease_until, row[10], now, row[0]) for row in rows],
+        [(lease_until, number, row[10], now, row[0]) for row in rows],
     )
     # A delivery with a running job is running, whatever its other jobs do (states.py),
     # so the claimed jobs' deliveries need no look at their other jobs.
