@@ -9,8 +9,8 @@ interface.md "Forwarding to Vela": the n-th retry waits
 without consuming attempts; while paused, the token is tried every 30 s, with one
 due job or, when none is due, with ``GET /api/v1/user``. Any answer that shows Vela
 took the token (a 2xx of Vela's, to whichever request) ends the pause. Time paused
-is no part of a job's age (retry.max_age_seconds), and an attempt is made only
-before that age: a retry that would come later fails the job at once.
+is no part of a job's age (retry.max_age_seconds); a retry that comes due past that
+age is not sent: the job fails then.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class Forwarder:
             if time.time() >= deadline:
                 self._leave(job, claimed_at)
                 return
-            settlement, endpoint = await self._attempt(job, deadline)
+            settlement, endpoint = self._too_old(job) or await self._attempt(job, deadline)
             recorded = await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
             settled = True
             _count(endpoint, settlement, finished=recorded)
@@ -291,6 +291,25 @@ class Forwarder:
             self._attempt_seconds,
             extra=_fields(job),
         )
+
+    def _too_old(self, job: ClaimedJob) -> tuple[Settlement, str] | None:
+        """interface.md: a job that has been retrying for retry.max_age_seconds fails. One
+        whose retry comes due after that is not sent again (it could make a build up to
+        max_backoff late): it fails now, with its latest error."""
+        if job.first_attempt_at is None:
+            return None
+        now = time.time()
+        paused = 0.0
+        if job.last_attempt_at is not None:
+            paused = self._paused_between(job.last_attempt_at, now)
+        if now - (job.first_attempt_at + paused) < self._retry.max_age_seconds:
+            return None
+        why = f"gave up after {job.attempts} attempts / {self._retry.max_age_seconds:g} s"
+        error = f"{why}: {job.last_error}" if job.last_error else why
+        settlement = Settlement(
+            JobState.FAILURE, None, consumed=False, paused=paused, error=error, unclear=job.unclear
+        )
+        return settlement, job.endpoint
 
     async def _attempt(self, job: ClaimedJob, deadline: float) -> tuple[Settlement, str]:
         """One attempt at the job, cut at ``deadline`` (wall time): the settlement, and
@@ -394,15 +413,13 @@ class Forwarder:
         if attempts >= self._retry.max_attempts:
             why = f"gave up after {attempts} attempts: {exc.message}"
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
-        wait = self._backoff.wait(attempts, exc.retry_after)
-        # retry.max_age_seconds bounds when attempts are made: a retry that would come at
-        # or after it is not made (it could make a build up to max_backoff late).
-        if now + wait >= first + self._retry.max_age_seconds:
+        if now - first >= self._retry.max_age_seconds:
             why = (
                 f"gave up after {attempts} attempts / {self._retry.max_age_seconds:g} s:"
                 f" {exc.message}"
             )
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
+        wait = self._backoff.wait(attempts, exc.retry_after)  # one past max_age: _too_old
         return Settlement(
             JobState.RETRYING,
             attempt,

@@ -319,13 +319,14 @@ def test_time_paused_moves_a_jobs_first_attempt_forward(url: str) -> None:
             retrying(t, 401, consumed=False, paused=7.0),  # not yet begun: nothing moves
             retrying(t + 1, 503),  # the first consumed attempt
             retrying(t + 2, 401, consumed=False, paused=30.0),  # a probe, 30 s paused
-            retrying(t + 40, 503, paused=5.0),  # waited, 5 s of it paused
+            retrying(t + 40, 503, paused=5.0, error="busy"),  # waited, 5 s of it paused
         ]
         for n, settlement in enumerate(steps):
             [job] = await q.claim(10, t + 50 * n)
             seen.append((job.attempts, since_t(job.first_attempt_at), since_t(job.last_attempt_at)))
             assert await q.settle(job.id, settlement, t + 50 * n, claim=job.claim)
         [job] = await q.claim(10, t + 500)
+        assert job.last_error == "busy"  # what a job past its max age fails with, unsent
         return [*seen, (job.attempts, since_t(job.first_attempt_at), since_t(job.last_attempt_at))]
 
     assert run(main, url) == [

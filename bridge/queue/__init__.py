@@ -71,6 +71,9 @@ class ClaimedJob:
     # When the job's latest logged attempt ended: the time paused since then is not part
     # of its age (Settlement.paused).
     last_attempt_at: float | None = None
+    # The job's latest error: a job already past retry.max_age_seconds when it is claimed
+    # fails with it, unsent.
+    last_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,8 @@ class Attempt:
 @dataclass(frozen=True, slots=True)
 class Settlement:
     state: JobState  # SUCCESS, SKIPPED, FAILURE or RETRYING
-    attempt: Attempt | None  # None when nothing was sent (the build was found in Vela)
+    # None when nothing was sent: the build was found in Vela, or the job was past its age
+    attempt: Attempt | None
     consumed: bool = True  # whether this attempt counts against retry.max_attempts
     # Seconds since the job's previous attempt that forwarding was paused on a refused
     # token: first_attempt_at moves forward by them, so retry.max_age does not count them.

@@ -104,7 +104,8 @@ CLAIM_SQL = (
     " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, j.lane, j.fallback,"
     " j.started_at,"
     # When the job's latest attempt ended, through the index attempts_job.
-    " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id)"
+    " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id),"
+    " j.error"
 )
 _DEDUPE_SECONDS = 7 * 86_400  # interface.md: GUIDs are kept at least 7 days
 _MAX_BATCH = 256
@@ -274,7 +275,7 @@ class PostgresQueue:
                     repo=row[5], path=row[6], body=row[7], attempts=row[8],
                     first_attempt_at=row[9], unclear=row[10], github_event=row[11],
                     action=row[12], fallback=row[15], claim=token, first_claimed_at=row[16],
-                    last_attempt_at=row[17],
+                    last_attempt_at=row[17], last_error=row[18],
                 )
             )  # fmt: skip
         return claimed

@@ -133,27 +133,30 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id);
 """
 
-# Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog;
-# with when each one's latest attempt ended, through the index attempts_job.
-CLAIM_SQL = (
-    "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
-    " j.first_attempt_at, j.unclear, d.github_event, d.action, j.delivery_id, b.fallback,"
-    " j.started_at,"
-    " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id)"
-    " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
-    " WHERE j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
-    " ORDER BY j.next_attempt_at LIMIT ?"
+
+def _claimable(unclear: str, where: str) -> str:
+    """The claim's SELECT: a ClaimedJob's columns (``unclear`` as given), with when the
+    job's latest attempt ended (through the index attempts_job) and its latest error."""
+    return (
+        "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
+        f" j.first_attempt_at, {unclear}, d.github_event, d.action, j.delivery_id, b.fallback,"
+        " j.started_at,"
+        " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id),"
+        " j.error"
+        " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id"
+        f" JOIN job_bodies b ON b.job_id = j.id WHERE {where}"
+    )
+
+
+# Due heads of their lanes, through the partial index jobs_ready: O(log n) in the backlog.
+CLAIM_SQL = _claimable(
+    "j.unclear",
+    "j.head = 1 AND j.state IN ('pending', 'retrying') AND j.next_attempt_at <= ?"
+    " ORDER BY j.next_attempt_at LIMIT ?",
 )
 # Claims whose lease ran out while the process lived (an attempt that could not settle):
 # taken again, as unclear. Few rows: only running jobs are in the jobs_running index.
-EXPIRED_SQL = (
-    "SELECT j.id, d.guid, j.number, j.endpoint, j.org, j.repo, j.path, b.body, j.attempts,"
-    " j.first_attempt_at, 1, d.github_event, d.action, j.delivery_id, b.fallback,"
-    " j.started_at,"
-    " (SELECT max(a.started_at + a.duration) FROM attempts a WHERE a.job_id = j.id)"
-    " FROM jobs j JOIN deliveries d ON d.id = j.delivery_id JOIN job_bodies b ON b.job_id = j.id"
-    " WHERE j.state = 'running' AND j.lease_until < ? LIMIT ?"
-)
+EXPIRED_SQL = _claimable("1", "j.state = 'running' AND j.lease_until < ? LIMIT ?")
 _DEDUPE_SECONDS = 7 * 86_400  # interface.md: GUIDs are kept at least 7 days
 
 
@@ -540,6 +543,7 @@ def _claim(
                 claim=number,
                 first_claimed_at=now if row[15] is None else row[15],
                 last_attempt_at=row[16],
+                last_error=row[17],
             )
         )
     return claimed
