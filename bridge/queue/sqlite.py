@@ -189,7 +189,11 @@ class SQLiteQueue:
         queue = cls(writer, lock, lease_seconds=lease_seconds, retention_days=retention_days)
         # One process owns the file, so every claim found now belongs to a dead process.
         now = time.time()
-        await writer.run(lambda conn: _release_all(conn, now))
+        try:
+            await writer.run(lambda conn: _release_all(conn, now))
+        except BaseException:
+            await queue.close()  # the writer and the lock: a retry must find the file free
+            raise
         return queue
 
     async def add(self, delivery: NewDelivery) -> Added:
