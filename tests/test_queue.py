@@ -8,13 +8,18 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import re
 import sqlite3
+import string
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bridge.errors import Conflict, NotFound, QueueLocked, QueueUnavailable
 from bridge.queue import (
@@ -967,7 +972,25 @@ def test_postgres_url_password_is_never_shown(pg_url: str) -> None:
             "postgresql://u@db.example?sslmode=require&pass%77ord=se%26cret&sslpassword=ke#y",
             "postgresql://u@db.example?sslmode=require&pass%77ord=***&sslpassword=***",
         ),
+        # A ?password= holding an "@", with no /dbname: libpq's user information ends at
+        # the first "@", the wide reading's at the last; neither reading's password shows.
+        (
+            "postgresql://u@db.example?sslmode=require&password=se@cret",
+            "postgresql://u@db.example?sslmode=require&password=***",
+        ),
+        ("postgresql://u@h?password=a?b@cret", "postgresql://u@h?password=***"),
+        ("postgresql://u:x@h?password=se@cr/et", "postgresql://u:***"),
+        ("postgresql://u:pw@db.example?password=se@cr@etTail", "postgresql://u:***"),
+        ("postgresql://u:a@b@c@h?password=x@y@zTail", "postgresql://u:***"),
+        # Wide: a user "bridge@127.0.0.1" with a password "5432?password=Hunter2".
+        (
+            "postgresql://bridge@127.0.0.1:5432?password=Hunter2@Secret",
+            "postgresql://bridge@127.0.0.1:***",
+        ),
+        # libpq reads a password "5432?password=se" (for a user "db.example", at a host "cret").
+        ("postgresql://db.example:5432?password=se@cret", "postgresql://db.example:***"),
         # Not usable by libpq, yet meant as a password: not shown either.
+        ("postgresql://db.example?password=se@cret", "postgresql://db.example?password=***"),
         ("postgresql://u:se@cret@db.example/q", "postgresql://u:***@db.example/q"),
         ("postgresql://u:se/cret@db.example/q", "postgresql://u:***@db.example/q"),
         ("postgresql://db.example:5432/q?options=-csearch_path%3Dx", None),
@@ -991,7 +1014,154 @@ def test_postgres_url_masking_reads_the_url_as_libpq_does(url: str, shown: str |
     for secret in secrets:
         assert secret not in masked(url)
         message = f"connection to {url} failed: password {secret!r} refused"
-        assert secret not in scrub(message, url)
+        # scrub() leaves one or two characters alone ("se" of "se@cret"): they reveal nothing.
+        assert len(secret) < 3 or secret not in scrub(message, url)
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "shown"),
+    [
+        # Errors as psycopg words them. The part of a password after an "@" left
+        # unencoded is a host to libpq, or a port, or a query parameter.
+        (
+            "postgresql://bridge:p@S3cr3tTail@127.0.0.1:1/bridge",
+            "failed to resolve host 'S3cr3tTail@127.0.0.1': [Errno -2] Name or service not known",
+            "failed to resolve host '***@127.0.0.1': [Errno -2] Name or service not known",
+        ),
+        (
+            "postgresql://u:p@S3cr:3tTail@127.0.0.1/db",
+            "failed to resolve host 'S3cr': [Errno -8] Servname not supported for ai_socktype",
+            "failed to resolve host '***': [Errno -8] Servname not supported for ai_socktype",
+        ),
+        (
+            "postgresql://u:p@127.0.0.1:3tTail@h/db",
+            'invalid integer value "3tTail@h" for connection option "port"',
+            'invalid integer value "***@h" for connection option "port"',
+        ),
+        (
+            "postgresql://u:p@a,bcd@127.0.0.1:1/db",
+            "failed to resolve host 'bcd@127.0.0.1': [Errno -2] Name or service not known",
+            "failed to resolve host '***@127.0.0.1': [Errno -2] Name or service not known",
+        ),
+        (
+            "postgresql://u:p@S3cr3t?Tail@h/db",
+            'missing key/value separator "=" in URI query parameter: "Tail@h/db"',
+            'missing key/value separator "=" in URI query parameter: "***@h/db"',
+        ),
+        (
+            "postgresql://db.example?password=se@cret",
+            "failed to resolve host 'cret': [Errno -2] Name or service not known",
+            "failed to resolve host '***': [Errno -2] Name or service not known",
+        ),
+        # libpq's password is "p": not worth blanking every "p" of the message.
+        (
+            "postgresql://bridge:p@S3cr3tTail@127.0.0.1:1/bridge",
+            'connection to server at "127.0.0.1", port 1 failed: password authentication failed',
+            'connection to server at "127.0.0.1", port 1 failed: password authentication failed',
+        ),
+    ],
+)
+def test_postgres_url_scrub_blanks_what_libpq_read_of_a_password(
+    url: str, error: str, shown: str
+) -> None:
+    from bridge.queue._postgres_url import scrub
+
+    assert scrub(error, url) == shown
+
+
+def test_postgres_queue_error_names_no_part_of_the_password() -> None:
+    """libpq refuses the URL (no server needed) and its error quotes the password's tail."""
+    pytest.importorskip("psycopg")
+
+    with pytest.raises(QueueUnavailable) as caught:
+        asyncio.run(opened("postgresql://bridge:p@S3cr3t?Tail@127.0.0.1:1/bridge"))
+    said = str(caught.value)
+    assert "S3cr3t" not in said and "Tail" not in said
+    assert 'separator "=" in URI query parameter: "***@127.0.0.1:1/bridge"' in said
+
+
+# Passwords as a user may write them, escaped or not: "*" left out, being the mask itself.
+_PASSWORD_CHARS = (
+    st.sampled_from("@#?/:&=%[],")
+    | st.sampled_from([c for c in string.printable if c.isalnum() or c in "!$'()+-.;<>^_`{|}~"])
+    | st.sampled_from(["%40", "%23", "%3F", "%2F", "%3A", "%26", "%3D", "%25", "%00", "%zz"])
+)
+_PASSWORDS = st.lists(_PASSWORD_CHARS, min_size=1, max_size=12).map("".join)
+
+
+def _named_parts(password: str) -> list[str]:
+    """The parts of ``password`` that libpq may read, and an error name, on their own.
+
+    Up to the first "@" it is libpq's password; each part after an "@" is a host to libpq,
+    which then cuts it where a host, port or query parameter ends.
+    """
+    first, *rest = password.split("@")
+    cuts = [cut for part in rest for cut in re.split(r"[:/?,&=\[\]]", part)]
+    return [first, *rest, *cuts]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scheme=st.sampled_from(["postgresql://", "postgres://"]),
+    user=st.sampled_from(["", "u", "bridge", "user@srv"]),
+    in_userinfo=st.none() | _PASSWORDS,
+    host=st.sampled_from(["db.example", "127.0.0.1:5432", "[::1]", "[::1]:5433", "h1,h2:5433"]),
+    dbname=st.sampled_from(["", "/q"]),
+    before=st.sampled_from(["", "sslmode=require&"]),
+    in_query=st.none() | _PASSWORDS,
+)
+def test_postgres_url_password_never_shows_however_it_is_written(
+    scheme: str,
+    user: str,
+    in_userinfo: str | None,
+    host: str,
+    dbname: str,
+    before: str,
+    in_query: str | None,
+) -> None:
+    """Neither masked() nor scrub() shows the password libpq reads, nor a part of it
+    that libpq reads as something else (and an error may name)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    from bridge.queue._postgres_url import masked, scrub
+
+    def url_with(userinfo_password: str | None, query_password: str | None) -> str:
+        userinfo = f"{user}@" if user else ""
+        if userinfo_password is not None:
+            userinfo = f"{user}:{userinfo_password}@"
+        query = "" if query_password is None else f"?{before}password={query_password}"
+        return f"{scheme}{userinfo}{host}{dbname}{query}"
+
+    url = url_with(in_userinfo, in_query)
+    # What masked() may show: the URL without its passwords, but for a password's parts
+    # that are no password to libpq: all of one holding a "/" in the user information
+    # (libpq sees none, and reads a host, port and database), what follows an "&" in the query.
+    slashed = in_userinfo is not None and "/" in in_userinfo
+    skeleton = url_with(
+        in_userinfo if slashed or in_userinfo is None else "\n",
+        None if in_query is None else "\n" + "".join(in_query.partition("&")[1:]),
+    )
+    try:
+        read = conninfo_to_dict(url)
+    except (psycopg.ProgrammingError, UnicodeDecodeError) as exc:  # (psycopg: %XX not UTF-8)
+        read, said = {}, str(exc)
+    else:  # Every host, port, user and database libpq would name.
+        said = " ".join(f"{key} '{value}'" for key, value in read.items() if "password" not in key)
+    secret = str(read.get("password", ""))
+    message = f"connection to {url} failed: {said}: password '{secret}' refused"
+    scrubbed = scrub(message, url)
+
+    if secret and secret not in skeleton:
+        assert secret not in masked(url)
+    if len(secret) >= 3:  # shorter, it is never blanked: see scrub()
+        assert secret not in scrubbed
+    parts = _named_parts(in_query.partition("&")[0]) if in_query is not None else []
+    if in_userinfo is not None and not slashed:
+        parts += _named_parts(in_userinfo)
+    for part in parts:
+        if len(unquote(part)) >= 3:
+            assert part not in scrubbed and unquote(part) not in scrubbed
 
 
 def _closed_port() -> int:
