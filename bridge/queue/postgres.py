@@ -219,7 +219,7 @@ class PostgresQueue:
             except _TRANSIENT as exc:
                 if attempt == _RETRIES:
                     raise self._unavailable(exc) from None
-                log.info("queue transaction retried after: %s", exc)
+                log.info("queue transaction retried after: %s", scrub(str(exc), self._url))
                 await asyncio.sleep(random.uniform(0, 0.01 * attempt))
             except (psycopg.Error, OSError) as exc:
                 raise self._unavailable(exc) from None
