@@ -246,7 +246,7 @@ class Forwarder:
             if time.time() >= deadline:
                 self._leave(job, claimed_at)
                 return
-            settlement, endpoint = self._too_old(job) or await self._attempt(job, deadline)
+            settlement, endpoint = await self._attempt(job, deadline)
             recorded = await self._queue.settle(job.id, settlement, time.time(), claim=job.claim)
             settled = True
             _count(endpoint, settlement, finished=recorded)
@@ -292,10 +292,11 @@ class Forwarder:
             extra=_fields(job),
         )
 
-    def _too_old(self, job: ClaimedJob) -> tuple[Settlement, str] | None:
+    def _too_old(self, job: ClaimedJob) -> Settlement | None:
         """interface.md: a job that has been retrying for retry.max_age_seconds fails. One
         whose retry comes due after that is not sent again (it could make a build up to
-        max_backoff late): it fails now, with its latest error."""
+        max_backoff late): it fails now, with its latest error. (An unclear one is looked
+        up in Vela first: its last attempt may have made the build.)"""
         if job.first_attempt_at is None:
             return None
         now = time.time()
@@ -306,10 +307,9 @@ class Forwarder:
             return None
         why = f"gave up after {job.attempts} attempts / {self._retry.max_age_seconds:g} s"
         error = f"{why}: {job.last_error}" if job.last_error else why
-        settlement = Settlement(
+        return Settlement(
             JobState.FAILURE, None, consumed=False, paused=paused, error=error, unclear=job.unclear
         )
-        return settlement, job.endpoint
 
     async def _attempt(self, job: ClaimedJob, deadline: float) -> tuple[Settlement, str]:
         """One attempt at the job, cut at ``deadline`` (wall time): the settlement, and
@@ -332,6 +332,9 @@ class Forwarder:
                             vela_link=found.link,
                             vela_deployment=found.number if endpoint == "deployments" else None,
                         ), endpoint
+                too_old = self._too_old(job)
+                if too_old is not None:
+                    return too_old, endpoint
                 answer = await self._vela.send(path, body, job.guid)
         except TimeoutError:
             late = Retryable(

@@ -163,6 +163,22 @@ def test_no_retry_is_sent_past_max_age(make_bridge: Any, vela: FakeVela) -> None
     assert stored["jobs"][0]["attempts"] == 1
 
 
+def test_an_unclear_job_past_max_age_is_looked_up_before_it_fails(
+    make_bridge: Any, vela: FakeVela
+) -> None:
+    """Its last attempt may have made the build (a gateway's 503 after Vela took it): past
+    its max age it is not sent again, but found, it is a success, not a failure."""
+    bridge = make_bridge(
+        retry={"max_age_seconds": 1.0, "initial_backoff_seconds": 2.0, "max_backoff_seconds": 2.0}
+    )
+    vela.script(Reply(503, {"error": "upstream reset before headers"}, create=True))
+    guid = str(uuid.uuid4())
+    bridge.send("push", push(), guid=guid)
+    stored = bridge.wait_status(guid, "success")
+    assert len(vela.posts()) == 1
+    assert stored["jobs"][0]["vela_number"] == 1
+
+
 def test_time_paused_on_a_refused_token_does_not_count_towards_max_age(
     make_bridge: Any, vela: FakeVela
 ) -> None:
