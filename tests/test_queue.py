@@ -1053,7 +1053,13 @@ def test_postgres_url_masking_reads_the_url_as_libpq_does(url: str, shown: str |
             "failed to resolve host 'cret': [Errno -2] Name or service not known",
             "failed to resolve host '***': [Errno -2] Name or service not known",
         ),
-        # libpq's password is "p": not worth blanking every "p" of the message.
+        # A whole password is blanked however short.
+        (
+            "postgresql://u:pw@h/db",
+            "password authentication failed for user \"u\": pw",
+            "password authentication failed for user \"u\": ***",
+        ),
+        # libpq's password is "p", a fragment: not worth blanking every "p" of the message.
         (
             "postgresql://bridge:p@S3cr3tTail@127.0.0.1:1/bridge",
             'connection to server at "127.0.0.1", port 1 failed: password authentication failed',

@@ -50,20 +50,23 @@ def scrub(text: str, url: str) -> str:
 
 
 def _passwords(url: str) -> list[str]:
-    parts = []
+    whole: set[str] = set()  # each reading's password
+    parts: list[str] = []
     for start, end in _secret_spans(url):
         secret = url[start:end]
         # Past an "@" left unencoded, libpq reads the rest as a host ("p@ss@host": a
         # password "p" for a host "ss@host"), cut where a host, port or parameter ends:
         # an error names those parts, not the whole.
         first, *rest = secret.split("@")
-        parts += [secret, first, *rest, *(cut for part in rest for cut in _HOST_ENDS.split(part))]
+        whole.add(secret)
+        parts += [first, *rest, *(cut for part in rest for cut in _HOST_ENDS.split(part))]
     found = set()
-    for raw in parts:
+    for raw in [*whole, *parts]:
         decoded = unquote(raw)  # libpq decodes %XX (and only that: "+" stays)
-        # One or two characters are never blanked: a message is not worth destroying
-        # (every "p" in it) for a fragment that reveals nothing.
-        if len(decoded) >= 3:
+        # A fragment (either side of an "@") of one or two characters is never blanked:
+        # a message is not worth destroying (every "p" in it) for a piece that reveals
+        # nothing. A whole password is, however short.
+        if decoded and (raw in whole or len(decoded) >= 3):
             found |= {raw, decoded, quote(raw, safe=""), quote(decoded, safe="")}
     # Longest first, so that a password containing another is replaced whole.
     return sorted(found, key=len, reverse=True)
