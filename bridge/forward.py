@@ -422,12 +422,15 @@ class Forwarder:
                 f" {exc.message}"
             )
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
-        wait = self._backoff.wait(attempts, exc.retry_after)  # one past max_age: _too_old
+        wait = self._backoff.wait(attempts, exc.retry_after)
+        # A retry due past max_age comes at max_age instead, to fail then (_too_old: not
+        # sent, looked up if unclear) rather than hold its lane and the failure longer.
+        due = min(now + wait, first + self._retry.max_age_seconds)
         return Settlement(
             JobState.RETRYING,
             attempt,
             paused=paused,
-            next_attempt_at=now + wait,
+            next_attempt_at=due,
             error=exc.message,
             unclear=unclear,
         )

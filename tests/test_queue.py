@@ -1056,8 +1056,8 @@ def test_postgres_url_masking_reads_the_url_as_libpq_does(url: str, shown: str |
         # A whole password is blanked however short.
         (
             "postgresql://u:pw@h/db",
-            "password authentication failed for user \"u\": pw",
-            "password authentication failed for user \"u\": ***",
+            'password authentication failed for user "u": pw',
+            'password authentication failed for user "u": ***',
         ),
         # libpq's password is "p", a fragment: not worth blanking every "p" of the message.
         (
