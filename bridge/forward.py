@@ -20,7 +20,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,16 +29,13 @@ import tenacity
 from bridge import observability as metrics
 from bridge.config import RetryConfig
 from bridge.errors import ForwardError, QueueError, Rejected, Retryable, Unauthorized
+from bridge.pause import PROBE_SECONDS, Pause
 from bridge.queue import Attempt, ClaimedJob, Queue, Settlement
 from bridge.states import FINISHED, JobState
 from bridge.vela import Accepted, VelaClient, builds_path
 
 log = logging.getLogger("bridge.forward")
 
-PAUSE_PROBE_SECONDS = 30.0
-# The latest pauses kept to take out of jobs' ages: pauses are rare (a token expires), and
-# a token that flaps must not grow the list without end.
-_PAUSES_KEPT = 256
 _IDLE_POLL_SECONDS = 1.0
 # A burst: at least _BURST_DELIVERIES queued within _BURST_WINDOW seconds (200/s). While one
 # lasts, forwarding runs at _BURST_CONCURRENCY so the event loop answers GitHub first
@@ -84,7 +80,7 @@ class Forwarder:
         retry: RetryConfig,
         *,
         concurrency: int = 64,
-        probe_seconds: float = PAUSE_PROBE_SECONDS,
+        probe_seconds: float = PROBE_SECONDS,
         lease_seconds: float = 60.0,
         on_settled: Callable[[ClaimedJob, Settlement], Awaitable[None]] | None = None,
     ) -> None:
@@ -94,7 +90,6 @@ class Forwarder:
         self._retry = retry
         self._backoff = Backoff(retry)
         self._concurrency = concurrency
-        self._probe_seconds = probe_seconds
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: dict[int, asyncio.Task[None]] = {}  # job id → its latest claim's task
@@ -102,17 +97,19 @@ class Forwarder:
         # after its lease ran out (no longer in _inflight): stop() waits for all of them.
         self._attempts: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
-        self.paused_reason: str | None = None
-        self._paused_at = 0.0  # wall time the current pause began
-        self._pauses: deque[tuple[float, float]] = deque(maxlen=_PAUSES_KEPT)  # ended ones
+        self._pause = Pause(probe_seconds)
         self._task: asyncio.Task[None] | None = None
         self._on_settled = on_settled
         self._window_start = 0.0
         self._window_count = 0
         self._burst_until = 0.0
-        self._next_probe = 0.0
         self._token_check: asyncio.Task[None] | None = None
         vela.on_authorized = self._resume
+
+    @property
+    def paused_reason(self) -> str | None:
+        """Why forwarding is paused (a refused token), or None (/readyz)."""
+        return self._pause.reason
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._dispatch(), name="forwarder")
@@ -164,11 +161,10 @@ class Forwarder:
             if self._inflight or self._token_check is not None:
                 await self._wait_slot()
                 return
-            wait = self._next_probe - time.monotonic()
+            wait = self._pause.probe_wait()
             if wait > 0:
                 await asyncio.sleep(min(wait, _IDLE_POLL_SECONDS))
                 return
-            self._next_probe = time.monotonic() + self._probe_seconds
             limit = 1
         else:
             burst = time.monotonic() < self._burst_until
@@ -208,12 +204,12 @@ class Forwarder:
         try:
             await self._vela.check_token()
         except Unauthorized as exc:
-            self._pause(exc.message)
+            self._pause.begin(exc.message)
         except ForwardError as exc:
             log.warning(
                 "token check inconclusive: %s; asking again in %g s",
                 exc.message,
-                self._probe_seconds,
+                self._pause.probe_seconds,
             )
         except Exception:  # a bug: logged; the next probe asks again
             log.exception("token check failed unexpectedly")
@@ -302,7 +298,7 @@ class Forwarder:
         now = time.time()
         paused = 0.0
         if job.last_attempt_at is not None:
-            paused = self._paused_between(job.last_attempt_at, now)
+            paused = self._pause.between(job.last_attempt_at, now)
         if now - (job.first_attempt_at + paused) < self._retry.max_age_seconds:
             return None
         why = f"gave up after {job.attempts} attempts / {self._retry.max_age_seconds:g} s"
@@ -394,9 +390,9 @@ class Forwarder:
         # age: its first attempt moves forward by it.
         paused = 0.0
         if job.first_attempt_at is not None and job.last_attempt_at is not None:
-            paused = self._paused_between(job.last_attempt_at, now)
+            paused = self._pause.between(job.last_attempt_at, now)
         if isinstance(exc, Unauthorized):
-            self._pause(exc.message)
+            self._pause.begin(exc.message)
             return Settlement(
                 JobState.RETRYING,
                 attempt,
@@ -435,31 +431,9 @@ class Forwarder:
             unclear=unclear,
         )
 
-    def _pause(self, reason: str) -> None:
-        metrics.FORWARDING_PAUSED.set(1)
-        self._next_probe = time.monotonic() + self._probe_seconds
-        if self.paused_reason is None:
-            self._paused_at = time.time()
-            log.warning(
-                "forwarding paused: %s; trying again every %.0f s", reason, self._probe_seconds
-            )
-        self.paused_reason = reason
-
     def _resume(self) -> None:
-        if self.paused_reason is not None:
-            self._pauses.append((self._paused_at, time.time()))
-            metrics.FORWARDING_PAUSED.set(0)
-            log.warning("forwarding resumed: Vela accepts the token again")
-            self.paused_reason = None
+        if self._pause.end():
             self._wake.set()
-
-    def _paused_between(self, since: float, until: float) -> float:
-        """Seconds of [since, until] (wall time) that forwarding was paused, as far as this
-        process knows: a pause before a restart, or another replica's, is not known."""
-        spans = [*self._pauses]
-        if self.paused_reason is not None:
-            spans.append((self._paused_at, until))
-        return sum(max(0.0, min(end, until) - max(start, since)) for start, end in spans)
 
     def _log(self, job: ClaimedJob, s: Settlement, endpoint: str) -> None:
         a = s.attempt
