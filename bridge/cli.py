@@ -10,6 +10,7 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, load, redact_url
@@ -120,6 +121,43 @@ def _load(path: Path | None, env: Mapping[str, str]) -> Config:
     return load(path, env)
 
 
+class _StartupInOneLine:
+    """ASGI: a start-up the bridge refuses for a reason it can name (the queue cannot be
+    opened: PostgreSQL is down, the SQLite file is not a database) is logged as that one
+    line, where Starlette would hand uvicorn the whole traceback to log. A bug keeps it."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self._app(scope, receive, send)
+            return
+        failed: list[Any] = []
+
+        async def holding_failure(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                failed.append(message)  # sent below, once the exception is known
+            else:
+                await send(message)
+
+        from bridge.errors import BridgeError
+
+        try:
+            await self._app(scope, receive, holding_failure)
+        except BridgeError as exc:
+            if not failed:
+                raise
+            await send({"type": "lifespan.startup.failed", "message": f"cannot start: {exc}"})
+        except BaseException:
+            for message in failed:
+                await send(message)
+            raise
+        else:
+            for message in failed:
+                await send(message)
+
+
 def _serve(config: Config, host: str | None, port: int | None) -> int:
     import uvicorn
 
@@ -145,7 +183,7 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
     # loop and http stay "auto": uvloop and httptools, dependencies where they install.
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config),
+            _StartupInOneLine(create_app(config)),
             host=host,
             port=port,
             log_config=None,

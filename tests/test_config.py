@@ -870,6 +870,29 @@ def test_serve_without_config_uses_defaults_and_env(tmp_path: Path) -> None:
     assert WEBHOOK_SECRET not in out + err and VELA_TOKEN not in out + err
 
 
+@pytest.mark.parametrize(
+    ("queue_url", "says"),
+    [
+        ("sqlite:///./not-a-database.db", "cannot open the SQLite queue"),
+        ("postgresql://bridge:pg-password-7@127.0.0.1:9/bridge", "cannot open the PostgreSQL"),
+    ],
+    ids=["sqlite-not-a-database", "postgresql-down"],
+)
+def test_serve_that_cannot_open_its_queue_says_why_in_one_line(
+    tmp_path: Path, queue_url: str, says: str
+) -> None:
+    if queue_url.startswith("postgresql"):
+        pytest.importorskip("psycopg")
+    (tmp_path / "not-a-database.db").write_bytes(b"plain text, not SQLite " * 20)
+    (tmp_path / "q.toml").write_text(GOOD_FILE + f'[queue]\nurl = "{queue_url}"\n')
+    result = cli(tmp_path, "serve", "--config", "q.toml", "--port", str(_free_port()))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if says in line]
+    assert len(lines) == 1 and "cannot start: " in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pg-password-7" not in result.stderr + result.stdout
+
+
 def test_serve_startup_line_hides_a_queue_password(tmp_path: Path) -> None:
     (tmp_path / "pg.toml").write_text(
         GOOD_FILE + '[queue]\nurl = "postgresql://bridge:pg-password-6@127.0.0.1:9/bridge"\n'
