@@ -198,5 +198,6 @@ def _serve(config: Config, host: str | None, port: int | None) -> int:
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
     server.run()
-    # uvicorn reports a failed start-up (the queue could not be opened) by not starting.
+    # A failed lifespan start-up (the queue could not be opened) does not return here:
+    # uvicorn exits 3 itself. Anything else that kept the server from starting is a 1.
     return 0 if server.started else 1

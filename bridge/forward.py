@@ -418,15 +418,15 @@ class Forwarder:
                 f" {exc.message}"
             )
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
+        # A retry that comes due past max_age is not sent then (_too_old). It is not
+        # brought forward to the max age either: a pause meanwhile would leave the job
+        # younger than that, and it would be sent before its backoff (or Retry-After) ran.
         wait = self._backoff.wait(attempts, exc.retry_after)
-        # A retry due past max_age comes at max_age instead, to fail then (_too_old: not
-        # sent, looked up if unclear) rather than hold its lane and the failure longer.
-        due = min(now + wait, first + self._retry.max_age_seconds)
         return Settlement(
             JobState.RETRYING,
             attempt,
             paused=paused,
-            next_attempt_at=due,
+            next_attempt_at=now + wait,
             error=exc.message,
             unclear=unclear,
         )

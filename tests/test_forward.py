@@ -142,9 +142,8 @@ def test_retries_stop_after_max_age(make_bridge: Any, vela: FakeVela) -> None:
 
 def test_no_retry_is_sent_past_max_age(make_bridge: Any, vela: FakeVela) -> None:
     """interface.md: a job fails once it has been retrying for retry.max_age_seconds, not
-    before; and a retry that would come due after that is not sent (it could make a build
-    up to max_backoff late): it comes at the max age, and the job fails then, with its
-    latest error."""
+    before; and a retry that comes due after that is not sent (it could make a build up to
+    max_backoff late): the job fails then, with its latest error."""
     bridge = make_bridge(
         retry={
             "max_age_seconds": 1.0,
@@ -158,8 +157,8 @@ def test_no_retry_is_sent_past_max_age(make_bridge: Any, vela: FakeVela) -> None
     bridge.send("push", push(), guid=guid)
     stored = bridge.wait_status(guid, "failure")
     [post] = vela.posts()
-    # Failed at its max age (its retry, due at 2 s, came then), not with the attempt.
-    assert 0.9 <= stored["jobs"][0]["finished_at"] - post.at < 1.9
+    # Failed when its retry came due (2 s, no jitter at the cap), not with the attempt.
+    assert stored["jobs"][0]["finished_at"] - post.at >= 1.9
     assert stored["error"] == "gave up after 1 attempts / 1 s: Vela answered 503: busy"
     assert stored["jobs"][0]["attempts"] == 1
 
