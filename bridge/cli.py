@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, load, redact_url
-from bridge.errors import ConfigError
+from bridge.errors import BridgeError, ConfigError
 
 _DEFAULT_CONFIG = Path("config.toml")
 
@@ -141,19 +141,13 @@ class _StartupInOneLine:
             else:
                 await send(message)
 
-        from bridge.errors import BridgeError
-
         try:
             await self._app(scope, receive, holding_failure)
         except BridgeError as exc:
             if not failed:
                 raise
-            await send({"type": "lifespan.startup.failed", "message": f"cannot start: {exc}"})
-        except BaseException:
-            for message in failed:
-                await send(message)
-            raise
-        else:
+            failed[:] = [{"type": "lifespan.startup.failed", "message": f"cannot start: {exc}"}]
+        finally:
             for message in failed:
                 await send(message)
 

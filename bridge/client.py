@@ -13,9 +13,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 from bridge import __version__
+from bridge.config import redirect_target
 
 
 class ClientError(Exception):
@@ -75,15 +76,10 @@ class OperatorClient:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
-                to = urlsplit(exc.headers.get("Location") or "")
-                shown = (
-                    f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}"
-                    if to.netloc
-                    else to.path
-                )
+                to = redirect_target(exc.headers.get("Location") or "")
                 raise ClientError(
-                    f"the bridge at {self.url} answered {exc.code}, a redirect to"
-                    f" {shown or 'nowhere'}: give that address with --url"
+                    f"the bridge at {self.url} answered {exc.code}, a redirect to {to}:"
+                    " give that address with --url"
                 ) from None
             if exc.code == 401:
                 raise ClientError(

@@ -256,6 +256,14 @@ def redact_url(url: str) -> str:
     return masked(url)
 
 
+def redirect_target(location: str) -> str:
+    """Where a ``Location`` header points, as a message may show it: no user information,
+    no query (either may carry a secret); "nowhere" for an empty one."""
+    to = urlsplit(location)
+    shown = f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}" if to.netloc else to.path
+    return shown or "nowhere"
+
+
 def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
     try:
         parts = urlsplit(value)
@@ -368,7 +376,7 @@ def _read(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Config, list[
 
     for name in sorted(raw):
         problems.append(f"{name}: unknown key")
-    config = Config(
+    return Config(
         server=server,
         github=github,
         vela=vela,
@@ -377,8 +385,7 @@ def _read(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Config, list[
         operator=OperatorConfig(token=operator_token),
         events=events,
         log=log,
-    )
-    return config, problems
+    ), problems
 
 
 def _github(g: _Section, env: Mapping[str, str]) -> GitHubConfig:

@@ -296,16 +296,25 @@ class Forwarder:
         if job.first_attempt_at is None:
             return None
         now = time.time()
-        paused = 0.0
-        if job.last_attempt_at is not None:
-            paused = self._pause.between(job.last_attempt_at, now)
+        paused = self._paused_since_last(job, now)
         if now - (job.first_attempt_at + paused) < self._retry.max_age_seconds:
             return None
-        why = f"gave up after {job.attempts} attempts / {self._retry.max_age_seconds:g} s"
-        error = f"{why}: {job.last_error}" if job.last_error else why
+        error = self._too_old_error(job.attempts, job.last_error)
         return Settlement(
             JobState.FAILURE, None, consumed=False, paused=paused, error=error, unclear=job.unclear
         )
+
+    def _paused_since_last(self, job: ClaimedJob, now: float) -> float:
+        """interface.md: a 401/403 fails nothing. The time forwarding was paused since the
+        job's previous attempt (whether it probed the token or waited) is no part of its
+        age: its first attempt moves forward by it (Settlement.paused)."""
+        if job.first_attempt_at is None or job.last_attempt_at is None:
+            return 0.0
+        return self._pause.between(job.last_attempt_at, now)
+
+    def _too_old_error(self, attempts: int, error: str) -> str:
+        why = f"gave up after {attempts} attempts / {self._retry.max_age_seconds:g} s"
+        return f"{why}: {error}" if error else why
 
     async def _attempt(self, job: ClaimedJob, deadline: float) -> tuple[Settlement, str]:
         """One attempt at the job, cut at ``deadline`` (wall time): the settlement, and
@@ -385,12 +394,7 @@ class Forwarder:
     ) -> Settlement:
         attempt = Attempt(started, took, exc.status_code, exc.message, exc.body)
         now = time.time()
-        # interface.md: a 401/403 fails nothing. The time forwarding was paused since the
-        # job's previous attempt (whether it probed the token or waited) is no part of its
-        # age: its first attempt moves forward by it.
-        paused = 0.0
-        if job.first_attempt_at is not None and job.last_attempt_at is not None:
-            paused = self._pause.between(job.last_attempt_at, now)
+        paused = self._paused_since_last(job, now)
         if isinstance(exc, Unauthorized):
             self._pause.begin(exc.message)
             return Settlement(
@@ -413,10 +417,7 @@ class Forwarder:
             why = f"gave up after {attempts} attempts: {exc.message}"
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
         if now - first >= self._retry.max_age_seconds:
-            why = (
-                f"gave up after {attempts} attempts / {self._retry.max_age_seconds:g} s:"
-                f" {exc.message}"
-            )
+            why = self._too_old_error(attempts, exc.message)
             return Settlement(JobState.FAILURE, attempt, error=why, unclear=unclear)
         # A retry that comes due past max_age is not sent then (_too_old). It is not
         # brought forward to the max age either: a pause meanwhile would leave the job

@@ -129,11 +129,11 @@ class Intake:
         except Exception as exc:  # QueueError, or a bug: either way not stored, so no 2xx
             answer = _error(503, "the queue cannot store the delivery right now; try again")
             if isinstance(exc, QueueError):
-                fields = {**_fields(delivery), "reason": f"cannot store the delivery: {exc}"}
+                fields = _fields(delivery, f"cannot store the delivery: {exc}")
                 return _Answer(answer, "unavailable", event, fields)
-            fields = {**_fields(delivery), "reason": "cannot store the delivery: a bug"}
+            fields = _fields(delivery, "cannot store the delivery: a bug")
             return _Answer(answer, "unavailable", event, fields, exc)  # with its traceback
-        fields = {**_fields(delivery), "reason": delivery.skip or ""}
+        fields = _fields(delivery, delivery.skip or "")
         if added is Added.QUEUED:
             self._on_queued()
             answer = JSONResponse({"status": "queued", "delivery": guid}, 202)
@@ -231,5 +231,12 @@ def new_jobs(conversion: Conversion) -> tuple[NewJob, ...]:
     )
 
 
-def _fields(d: NewDelivery) -> dict[str, str]:
-    return {"delivery": d.guid, "repo": d.repo, "event": d.github_event, "action": d.action}
+def _fields(d: NewDelivery, reason: str) -> dict[str, str]:
+    """The log line's fields for a delivery that was read."""
+    return {
+        "delivery": d.guid,
+        "repo": d.repo,
+        "event": d.github_event,
+        "action": d.action,
+        "reason": reason,
+    }

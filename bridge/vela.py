@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from bridge import __version__
-from bridge.config import Secret
+from bridge.config import Secret, redirect_target
 from bridge.errors import ForwardError, Rejected, Retryable, Unauthorized
 
 USER_AGENT = f"vela-bridge/{__version__}"
@@ -102,10 +102,8 @@ def classify(status: int, text: str, retry_after: str | None = None, *, now: flo
 def _redirected(status: int, location: str) -> Retryable:
     """A redirect is not followed (aiohttp would turn the POST into a GET): the request was
     not handled, and vela.url is likely not the address Vela answers on."""
-    to = urlsplit(location)
-    shown = f"{to.scheme}://{to.netloc.rpartition('@')[2]}{to.path}" if to.netloc else to.path
     return Retryable(
-        f"Vela answered {status}, a redirect to {shown or 'nowhere'}: set vela.url to the"
+        f"Vela answered {status}, a redirect to {redirect_target(location)}: set vela.url to the"
         " address Vela answers on",
         status_code=status,
         sent=False,

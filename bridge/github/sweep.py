@@ -207,8 +207,9 @@ class Sweeper:
         for key, delivered_at in list(self._unredeliverable.items()):
             if delivered_at < since:
                 del self._unredeliverable[key]
-        refused_here = {guid for label, guid in self._unredeliverable if label == hook.label}
-        candidates = [a for a in failed(attempts) if a.guid not in refused_here]
+        candidates = [
+            a for a in failed(attempts) if (hook.label, a.guid) not in self._unredeliverable
+        ]
         asked: list[str] = []
         refused = 0
         for index, attempt in enumerate(candidates):

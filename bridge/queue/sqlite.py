@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import orjson
 
@@ -214,25 +215,14 @@ class SQLiteQueue:
     async def settle(
         self, job_id: int, settlement: Settlement, now: float, claim: int | None = None
     ) -> bool:
-        def op(conn: sqlite3.Connection) -> tuple[bool, bool]:
-            """Whether the outcome was recorded, and whether the claim had been retaken."""
-            if claim is not None:
-                row = conn.execute("SELECT claim FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is not None and row[0] != claim:
-                    # Its lease ran out and the job was claimed again: only the attempt is kept.
-                    if settlement.attempt is not None:
-                        _log_attempt(conn, job_id, settlement.attempt)
-                    return False, True
-            return _settle(conn, job_id, settlement, now), False
-
-        recorded, retaken = await self._writer.run(op)
-        if retaken:
+        outcome = await self._writer.run(lambda conn: _settle(conn, job_id, settlement, now, claim))
+        if outcome == "retaken":
             log.warning(
                 "job %d: its lease expired and was retaken; outcome %s not recorded",
                 job_id,
                 settlement.state,
             )
-        return recorded
+        return outcome == "recorded"
 
     async def release(self, job_ids: Sequence[int], now: float) -> None:
         await self._writer.run(lambda conn: _release(conn, job_ids, now))
@@ -553,12 +543,20 @@ def _claim(
     return claimed
 
 
-def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) -> bool:
+def _settle(
+    conn: sqlite3.Connection, job_id: int, s: Settlement, now: float, claim: int | None
+) -> Literal["recorded", "retaken", "gone"]:
+    """Record ``s`` for the job, unless ``claim`` is no longer the job's (its lease ran
+    out and the job was claimed again: only the attempt is kept) or the job is gone."""
     row = conn.execute(
-        "SELECT state, delivery_id, lane, head FROM jobs WHERE id = ?", (job_id,)
+        "SELECT state, delivery_id, lane, head, claim FROM jobs WHERE id = ?", (job_id,)
     ).fetchone()
     if row is None:  # purged meanwhile
-        return False
+        return "gone"
+    if claim is not None and row[4] != claim:
+        if s.attempt is not None:
+            _log_attempt(conn, job_id, s.attempt)
+        return "retaken"
     old, delivery_id, lane, head = JobState(row[0]), row[1], row[2], row[3]
     check(old, s.state)
     finished = s.state in FINISHED
@@ -595,7 +593,7 @@ def _settle(conn: sqlite3.Connection, job_id: int, s: Settlement, now: float) ->
     if finished and head:
         promote(conn, job_id, lane)
     refresh_delivery(conn, delivery_id, now)
-    return True
+    return "recorded"
 
 
 def _log_attempt(conn: sqlite3.Connection, job_id: int, a: Attempt) -> None:
